@@ -1,0 +1,66 @@
+"""The array backend: NumPy on the CPU, CuPy on the GPU.
+
+Every layer is written once against an array module ``xp`` and finds it from
+its inputs with :func:`get_array_module`, so the same code runs on both
+devices. Arrays cross between host and device only at the edges (data loading,
+checkpoint I/O, image export) through :func:`to_device` and :func:`to_host`.
+"""
+
+import numpy as np
+
+try:
+    import cupy
+except ImportError:  # CuPy is the optional `gpu` extra
+    cupy = None
+
+DEVICES = ("cpu", "gpu")
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (no CuPy, no GPU)."""
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any of ``arrays`` lives on the GPU, else ``numpy``."""
+    if cupy is not None:
+        return cupy.get_array_module(*arrays)
+    return np
+
+
+def gpu_unavailable_reason():
+    """Why the GPU cannot be used, or None if it can."""
+    if cupy is None:
+        return "CuPy is not installed (pip install 'tinyddpm[gpu]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDA driver/runtime missing or broken
+        return f"CUDA is not usable ({type(error).__name__}: {error})".splitlines()[0]
+    if count == 0:
+        return "no CUDA GPU was found"
+    return None
+
+
+def array_module(device):
+    """The array module for ``device`` ('cpu' or 'gpu'); DeviceError if unusable."""
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            raise DeviceError(f"--device gpu is not available: {reason}")
+        return cupy
+    raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+
+
+def to_device(array, xp):
+    """Copy a host (or device) array onto the device of array module ``xp``."""
+    if xp is np:
+        return to_host(array)
+    return xp.asarray(array)
+
+
+def to_host(array):
+    """Return ``array`` as a NumPy array (a no-op for NumPy input)."""
+    if cupy is not None and isinstance(array, cupy.ndarray):
+        return cupy.asnumpy(array)
+    return np.asarray(array)

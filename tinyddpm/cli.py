@@ -1,0 +1,156 @@
+"""The ``tinyddpm`` command line: train, sample, noise, data, gradcheck."""
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from tinyddpm.backend import DEVICES, DeviceError
+
+
+def _one_line_errors(command):
+    """Report the errors a user can cause as one line, not a traceback."""
+    from tinyddpm.checkpoint import CheckpointError
+    from tinyddpm.datasets import DataError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (DeviceError, DataError, CheckpointError) as error:
+            raise click.ClickException(str(error)) from None
+    return wrapper
+
+
+device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+                             help="cpu (NumPy) or gpu (CuPy).")
+
+
+@click.group()
+@click.version_option(package_name="tinyddpm")
+def main():
+    """tinyddpm: a hand-written DDPM that learns 32x32 digits (MathWorks' diffusion example)."""
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/digits", show_default=True,
+              help="Folder for the checkpoint, loss log, loss curve and sample grids.")
+@click.option("--preset", type=click.Choice(["example", "small", "tiny"]), default="example", show_default=True,
+              help="Network size: 'example' is the MATLAB example's network exactly.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Image folder (class subfolders allowed) or MNIST IDX file; default: built-in digits.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Force grayscale or RGB.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--learning-rate", "--lr", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many updates.")
+@click.option("--preview-every", type=int, default=1, show_default=True,
+              help="Epochs between 16-image sample grids (0: never).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
+@device_option
+@_one_line_errors
+def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, seed, max_steps,
+          preview_every, resume, device):
+    """Train a DDPM (the example's recipe by default)."""
+    from tinyddpm.train import TrainOptions, train as run_training
+
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
+        if value < 1:
+            raise click.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+    options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                           seed=seed, data=data, channels=int(channels) if channels else None,
+                           preview_every=preview_every, max_steps=max_steps)
+    result = run_training(options, out_dir, device=device, resume=resume, log=click.echo)
+    click.echo(f"{result['steps']} updates, final loss {result['final_loss']:.4f}, "
+               f"{result['seconds']:.0f} s; checkpoint {result['checkpoint']}")
+    if result["interrupted"]:
+        sys.exit(130)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Checkpoint from `tinyddpm train`; default: the model that ships with tinyddpm.")
+@click.option("--num-images", type=int, default=9, show_default=True)
+@click.option("--display-every", type=int, default=10, show_default=True,
+              help="Save the batch every N steps (0: only the final grid).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="samples", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@_one_line_errors
+def sample(checkpoint, num_images, display_every, out_dir, seed, device):
+    """Generate images with the example's ancestral sampler."""
+    from tinyddpm.backend import array_module
+    from tinyddpm.diffusion import linear_schedule
+    from tinyddpm.images import make_grid, save_gif, save_grid
+    from tinyddpm.checkpoint import load_model
+    from tinyddpm.sampling import ancestral_sample
+
+    if num_images < 1:
+        raise click.BadParameter(f"must be at least 1, got {num_images}", param_hint="--num-images")
+    xp = array_module(device)
+    model, train_info = load_model(checkpoint)
+    model.to(xp)
+    schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
+    images, snapshots = ancestral_sample(model, schedule, np.random.default_rng(seed), num_images, display_every)
+
+    out = Path(out_dir)
+    save_grid(images, out / "samples.png")
+    if snapshots:
+        for t, snapshot in snapshots:
+            save_grid(snapshot, out / "steps" / f"t_{t:03d}.png")
+        save_gif([make_grid(s, scale=4) for _, s in snapshots], out / "denoising.gif")
+    click.echo(f"wrote {out / 'samples.png'}" + (f", {len(snapshots)} step grids and {out / 'denoising.gif'}"
+                                                  if snapshots else ""))
+
+
+@main.command()
+@click.option("--data", type=click.Path(), default=None, help="Images to take one from; default: built-in digits.")
+@click.option("--index", type=int, default=0, show_default=True, help="Which training image.")
+@click.option("--out", type=click.Path(dir_okay=False), default="noise.png", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_one_line_errors
+def noise(data, index, out, seed):
+    """Show the forward process on one image at t = 0, 100, ..., 500."""
+    from tinyddpm.datasets import load_dataset
+    from tinyddpm.diffusion import linear_schedule, q_sample
+    from tinyddpm.images import save_noise_strip
+
+    dataset = load_dataset(data)
+    if not 0 <= index < len(dataset.images):
+        raise click.BadParameter(f"must be in 0..{len(dataset.images) - 1}, got {index}", param_hint="--index")
+    schedule = linear_schedule()
+    steps = list(range(0, schedule.num_steps + 1, 100))
+    x0 = dataset.images[index:index + 1]
+    eps = np.random.default_rng(seed).standard_normal(x0.shape).astype(np.float32)
+    frames = [x0[0] if t == 0 else q_sample(schedule, x0, np.array([t]), eps)[0] for t in steps]
+    save_noise_strip(np.stack(frames), [f"t = {t}" for t in steps], out)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def data(out_dir, seed):
+    """Write the built-in digits as PNGs in class folders 0..9 (the DigitsData layout)."""
+    from tinyddpm.digits import export_digits
+
+    export_digits(out_dir, seed=seed)
+    click.echo(f"wrote 10,000 digit images to {out_dir}/0 .. {out_dir}/9")
+
+
+@main.command()
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@_one_line_errors
+def gradcheck(device, seed):
+    """Check every layer's hand-written backward against finite differences (float64)."""
+    from tinyddpm.backend import array_module
+    from tinyddpm.gradcheck import format_table, run_checks
+
+    rows = run_checks(array_module(device), seed=seed)
+    click.echo(format_table(rows))
+    if not all(row.passed for row in rows):
+        sys.exit(1)

@@ -1,0 +1,200 @@
+"""Training: the example's recipe, with checkpoints, logs, previews and resume.
+
+Randomness is counter-based: the shuffle of epoch ``e`` comes from
+``default_rng([seed, 0, e])`` and the steps and noise of update ``s`` from
+``default_rng([seed, 1, s])``. Nothing but the update count needs saving to
+resume, and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+import csv
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyddpm.backend import array_module, to_device
+from tinyddpm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from tinyddpm.datasets import load_dataset
+from tinyddpm.diffusion import linear_schedule, q_sample, sample_timesteps
+from tinyddpm.images import save_grid
+from tinyddpm.nn import MSELoss
+from tinyddpm.optim import Adam
+from tinyddpm.sampling import ancestral_sample
+from tinyddpm.unet import UNet, preset
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run; the defaults are the example's recipe."""
+
+    preset: str = "example"
+    epochs: int = 50
+    batch_size: int = 128
+    learning_rate: float = 5e-4
+    seed: int = 0
+    data: str | None = None  # None: the built-in digits
+    channels: int | None = None  # None: inferred from the data
+    num_steps: int = 500  # T
+    preview_every: int = 1  # epochs between 16-image previews (0: never)
+    max_steps: int | None = None  # stop early after this many updates (for quick runs)
+
+
+def epoch_order(seed, epoch, num_images):
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_images)
+
+
+def step_rng(seed, step):
+    return np.random.default_rng([seed, 1, step])
+
+
+def train_step(model, optimizer, loss_fn, schedule, x0, t, noise):
+    """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the loss."""
+    x_t = q_sample(schedule, x0, t, noise)
+    model.zero_grad()
+    loss = loss_fn(model(x_t, t), noise)
+    model.backward(loss_fn.backward())
+    optimizer.step()
+    return loss
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current update."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(options, out_dir, device="cpu", resume=False, progress=True, log=print):
+    """Train (or resume) and return a dict summary; everything is written under ``out_dir``."""
+    xp = array_module(device)
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+
+    resumed = None
+    if resume:
+        resumed = load_checkpoint(checkpoint_path)
+        saved = dict(resumed.train["options"])
+        saved["epochs"] = options.epochs if options.epochs != TrainOptions.epochs else saved["epochs"]
+        saved["max_steps"] = options.max_steps
+        options = TrainOptions(**saved)
+
+    dataset = load_dataset(options.data, channels=options.channels, seed=options.seed)
+    config = preset(options.preset, channels=dataset.images.shape[-1])
+    model = UNet(config, rng=np.random.default_rng([options.seed, 2])).to(xp)
+    optimizer = Adam(model.parameters(), lr=options.learning_rate)
+    step = 0
+    if resumed is not None:
+        if resumed.model_config != config:
+            raise CheckpointError(f"{checkpoint_path} holds a {resumed.model_config} network, expected {config}")
+        try:
+            model.load_state_dict(resumed.model)
+            optimizer.load_state_dict(resumed.adam)
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{checkpoint_path} does not fit the model: {error}") from None
+        step = resumed.train["step"]
+
+    images = to_device(dataset.images, xp)
+    num_images = len(images)
+    steps_per_epoch = num_images // options.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {options.batch_size} is larger than the {num_images} training images")
+    total_steps = steps_per_epoch * options.epochs
+    if options.max_steps is not None:
+        total_steps = min(total_steps, options.max_steps)
+
+    schedule = linear_schedule(options.num_steps)
+    loss_fn = MSELoss()
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "loss.csv"
+    if step == 0 or not log_path.exists():
+        log_path.write_text("step,epoch,iteration,loss,seconds\n")
+
+    def checkpoint():
+        save_checkpoint(checkpoint_path, Checkpoint(
+            model_config=config, model=model.state_dict(), adam=optimizer.state_dict(),
+            train={"step": step, "epoch": step // steps_per_epoch, "options": asdict(options)}))
+
+    log(f"training {options.preset} network ({model.num_parameters():,} parameters) on {dataset.source}: "
+        f"{num_images} images, {steps_per_epoch} updates/epoch, {total_steps} updates, device {device}")
+    bar = _progress_bar(total_steps, step, progress)
+    started, first_step, loss = time.perf_counter(), step, float("nan")
+    with _StopRequest() as stop, open(log_path, "a", newline="") as log_file:
+        writer = csv.writer(log_file)
+        while step < total_steps and not stop.requested:
+            epoch, iteration = divmod(step, steps_per_epoch)
+            order = epoch_order(options.seed, epoch, num_images)
+            batch = order[iteration * options.batch_size:(iteration + 1) * options.batch_size]
+            rng = step_rng(options.seed, step)
+            t = sample_timesteps(rng, options.batch_size, options.num_steps)
+            noise = to_device(rng.standard_normal((options.batch_size, *images.shape[1:]), dtype=np.float32), xp)
+            loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t, noise))
+            step += 1
+            elapsed = time.perf_counter() - started
+            writer.writerow([step, epoch + 1, iteration + 1, f"{loss:.6f}", f"{elapsed:.2f}"])
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{options.epochs}", loss=f"{loss:.4f}",
+                            img_s=f"{(step - first_step) * options.batch_size / elapsed:.1f}")
+            if step % steps_per_epoch == 0 or step == total_steps:
+                log_file.flush()
+                checkpoint()
+                _save_loss_curve(log_path, out_dir / "loss.png")
+                epoch_done = step // steps_per_epoch
+                if options.preview_every and (epoch_done % options.preview_every == 0 or step == total_steps):
+                    preview, _ = ancestral_sample(
+                        model, schedule, np.random.default_rng([options.seed, 3, step]), 16)
+                    save_grid(preview, out_dir / "samples" / f"step_{step:06d}.png", ncols=4)
+        bar.close()
+        if stop.requested:
+            log_file.flush()
+            checkpoint()
+            log(f"interrupted: checkpoint saved at update {step} in {checkpoint_path}; continue with --resume")
+    seconds = time.perf_counter() - started
+    return {"steps": step, "final_loss": loss, "seconds": seconds, "checkpoint": str(checkpoint_path),
+            "interrupted": stop.requested}
+
+
+def _progress_bar(total, initial, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _save_loss_curve(log_path, png_path):
+    """Plot loss per update (and a running mean) from the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.genfromtxt(log_path, delimiter=",", names=True)
+    steps, losses = np.atleast_1d(data["step"]), np.atleast_1d(data["loss"])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, lw=0.6, alpha=0.5, label="loss")
+    window = max(1, min(50, len(losses) // 10))
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss (MATLAB mse: SSE / 2B)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
