@@ -14,16 +14,15 @@ Layout is NCHW throughout. Steps ``t`` are 1-based (1..T), as in the example.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bench.golden import default_golden_dir, golden_params, golden_state, seeded_array  # noqa: F401  (re-exported)
 
 GN_EPS = 1e-5  # GroupNorm epsilon (spec: inferred MATLAB default)
 
@@ -361,21 +360,6 @@ def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> nn.Modul
     return model
 
 
-def _seeded_array(name: str, shape: Sequence[int], seed: int, transposed: bool) -> np.ndarray:
-    """One array by the golden README's seed rule (float64)."""
-    z = np.random.default_rng(seed).standard_normal(tuple(shape))
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return 0.1 * z  # GN beta and every other bias alike
-    if "norm" in name:  # GroupNorm gamma
-        return 1.0 + 0.1 * z
-    # Conv / linear weight: z / sqrt(fan_in). Conv (out, in, kh, kw) and linear (out, in) have
-    # fan_in = shape[1] * kh * kw; the transposed conv's (in, out, kh, kw) has it on axis 0.
-    rf = int(np.prod(shape[2:], dtype=np.int64))  # 1 for a linear weight
-    fan_in = (shape[0] if transposed else shape[1]) * rf
-    return z / np.sqrt(fan_in)
-
-
 def seeded_state(model: nn.Module, base_seed: int = 1000) -> dict[str, np.ndarray]:
     """The golden seed rule applied to any ``ReferenceUNet`` (e.g. a reduced-width copy): the
     k-th array of ``state_dict()`` gets seed ``base_seed + k``. For the full network this
@@ -383,35 +367,10 @@ def seeded_state(model: nn.Module, base_seed: int = 1000) -> dict[str, np.ndarra
     transposed = {f"{n}.weight" for n, m in model.named_modules()
                   if isinstance(m, nn.ConvTranspose2d)}
     return {
-        name: _seeded_array(name, tuple(p.shape), base_seed + k, name in transposed)
+        name: seeded_array(name, tuple(p.shape), base_seed + k, name in transposed)
         for k, (name, p) in enumerate(model.state_dict().items())
     }
 
-
-def default_golden_dir() -> Path:
-    """``$TINYDDPM_SHARED/golden`` if that variable is set, else ``<repo>/../shared/golden``
-    (CI clones the repo next to ``shared/``)."""
-    env = os.environ.get("TINYDDPM_SHARED")
-    shared = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
-    return shared / "golden"
-
-
-def golden_params(golden_dir: str | Path | None = None) -> dict:
-    """The parsed ``example_net_params.json``."""
-    d = Path(golden_dir) if golden_dir is not None else default_golden_dir()
-    with open(d / "example_net_params.json") as f:
-        return json.load(f)
-
-
-def golden_state(golden_dir: str | Path | None = None) -> dict[str, np.ndarray]:
-    """The golden weights (float64 numpy, golden order), generated from the names, shapes and
-    seeds in ``example_net_params.json`` by the README's rule."""
-    spec = golden_params(golden_dir)
-    return {
-        p["name"]: _seeded_array(p["name"], p["shape"], p["seed"],
-                                 p["layout"].startswith("(in, out"))
-        for p in spec["params"]
-    }
 
 
 # --------------------------------------------------------------------------------------------

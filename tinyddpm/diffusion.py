@@ -73,3 +73,36 @@ def ancestral_step(schedule, x_t, t, eps, z):
     if t == 1:
         return mean
     return mean + float(np.sqrt(schedule.posterior_variance[i])) * z
+
+
+def ddim_timesteps(num_steps, sampling_steps):
+    """``sampling_steps`` steps from T down to 1, evenly spaced (all of them when equal to T)."""
+    if not 1 <= sampling_steps <= num_steps:
+        raise ValueError(f"sampling steps must be in 1..{num_steps}, got {sampling_steps}")
+    return np.unique(np.round(np.linspace(1, num_steps, sampling_steps)).astype(int))[::-1]
+
+
+def ddim_sigma(schedule, t, t_prev, eta):
+    """DDIM's noise scale (Song et al. 2021, eq. 16); eta = 1 gives DDPM's posterior std."""
+    ab = schedule.alpha_bars[t - 1]
+    ab_prev = schedule.alpha_bars[t_prev - 1] if t_prev > 0 else 1.0
+    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
+
+
+def ddim_step(schedule, x_t, t, t_prev, eps, eta, z):
+    """One DDIM step from ``t`` to ``t_prev`` (0 is the end), Song et al. 2021, eq. 12:
+
+    x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+
+    With every step taken and eta = 1 this is the ancestral step; eta = 0 is deterministic.
+    ``z`` is ignored where sigma is 0.
+    """
+    ab = schedule.alpha_bars[t - 1]
+    ab_prev = schedule.alpha_bars[t_prev - 1] if t_prev > 0 else 1.0
+    sigma = ddim_sigma(schedule, t, t_prev, eta)
+    x0 = (x_t - float(np.sqrt(1.0 - ab)) * eps) * float(1.0 / np.sqrt(ab))
+    x_prev = float(np.sqrt(ab_prev)) * x0 + float(np.sqrt(max(1.0 - ab_prev - sigma**2, 0.0))) * eps
+    if sigma > 0:
+        x_prev = x_prev + float(sigma) * z
+    return x_prev

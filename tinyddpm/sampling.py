@@ -1,40 +1,86 @@
-"""Generating images: the example's ancestral DDPM sampler."""
+"""Generating images: the example's ancestral DDPM sampler, DDIM, and guidance.
+
+All noise is drawn on the host from a NumPy generator (x_T first, then one z
+per step that adds noise, in step order), so a seed gives the same images on
+the CPU and the GPU, and two samplers fed the same generator see the same noise.
+"""
 
 import numpy as np
 
 from tinyddpm.backend import get_array_module, to_device, to_host
-from tinyddpm.diffusion import ancestral_step
+from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import no_grad
 
 
 def model_device(model):
-    """The array module ``model``'s parameters live on."""
-    return get_array_module(next(iter(model.parameters().values())).data)
+    """The array module and dtype of ``model``'s parameters."""
+    data = next(iter(model.parameters().values())).data
+    return get_array_module(data), data.dtype
 
 
-def ancestral_sample(model, schedule, rng, num_images, display_every=0):
-    """Run the sampler from pure noise down to t = 0.
+def predict_noise(model, x, t, labels=None, guidance=1.0):
+    """The noise estimate at step ``t`` for every image in ``x``.
 
-    All noise is drawn on the host from ``rng`` (x_T first, then z for
-    t = T..2), so a seed gives the same images on the CPU and the GPU.
-    Returns ``(images, snapshots)``: the final (N, 32, 32, C) host array, and a
-    list of ``(t, host images)`` at t = T and every ``display_every`` steps
-    down to t = 0 (empty if ``display_every`` is 0).
+    With ``labels`` on a conditional network, classifier-free guidance mixes
+    the conditional and unconditional estimates:
+    ``eps = eps_uncond + guidance * (eps_cond - eps_uncond)``, so guidance 1 is
+    the plain conditional model and 0 the unconditional one. Both estimates
+    come from one forward pass over a doubled batch.
     """
-    xp = model_device(model)
-    dtype = next(iter(model.parameters().values())).data.dtype
+    steps = np.full(len(x), t)
+    if labels is None or guidance == 1.0:
+        return model(x, steps, labels)
+    null = np.full(len(x), model.null_label)
+    if guidance == 0.0:
+        return model(x, steps, null)
+    xp = get_array_module(x)
+    both = model(xp.concatenate([x, x]), np.concatenate([steps, steps]), np.concatenate([labels, null]))
+    eps_cond, eps_uncond = both[:len(x)], both[len(x):]
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def sample(model, schedule, rng, num_images, sampler="ddpm", steps=None, eta=0.0,
+           labels=None, guidance=1.0, display_every=0):
+    """Run a sampler from pure noise down to t = 0.
+
+    ``sampler`` is "ddpm" (the example's ancestral sampler, every step) or
+    "ddim" (``steps`` evenly spaced steps, noise scale ``eta``). Returns
+    ``(images, snapshots)``: the final (N, 32, 32, C) host array, and a list
+    of ``(t, host images)`` at t = T, after every ``display_every`` sampler
+    steps, and at t = 0 (empty if ``display_every`` is 0).
+    """
+    xp, dtype = model_device(model)
     shape = (num_images, 32, 32, model.config.channels)
     T = schedule.num_steps
+    if labels is not None:
+        labels = np.broadcast_to(np.asarray(labels), (num_images,))
 
     def noise():
         return to_device(rng.standard_normal(shape, dtype=np.float32).astype(dtype), xp)
 
+    if sampler == "ddpm":
+        timesteps = np.arange(T, 0, -1)
+    elif sampler == "ddim":
+        timesteps = ddim_timesteps(T, steps or T)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+
     x = noise()
     snapshots = [(T, to_host(x))] if display_every else []
     with no_grad():
-        for t in range(T, 0, -1):
-            eps = model(x, np.full(num_images, t))
-            x = ancestral_step(schedule, x, t, eps, noise() if t > 1 else None)
-            if display_every and (t - 1) % display_every == 0:
-                snapshots.append((t - 1, to_host(x)))
+        for i, (t, t_prev) in enumerate(zip(timesteps, [*timesteps[1:], 0]), start=1):
+            eps = predict_noise(model, x, int(t), labels, guidance)
+            if sampler == "ddpm":
+                x = ancestral_step(schedule, x, int(t), eps, noise() if t > 1 else None)
+            else:
+                z = noise() if ddim_sigma(schedule, t, t_prev, eta) > 0 else None
+                x = ddim_step(schedule, x, int(t), int(t_prev), eps, eta, z)
+            if display_every and (i % display_every == 0 or t_prev == 0):
+                snapshots.append((int(t_prev), to_host(x)))
     return to_host(x), snapshots
+
+
+def ancestral_sample(model, schedule, rng, num_images, display_every=0, labels=None, guidance=1.0):
+    """The example's sampler: every step, posterior variance, no clipping, no noise at t = 1."""
+    return sample(model, schedule, rng, num_images, "ddpm", labels=labels, guidance=guidance,
+                  display_every=display_every)

@@ -22,6 +22,7 @@ from tinyddpm.nn import (
     Conv2d,
     ConvTranspose2d,
     GroupNorm,
+    LabelEmbedding,
     Linear,
     Module,
     SelfAttention,
@@ -39,6 +40,7 @@ class UNetConfig:
     emb_dim: int = 256  # time-embedding width
     sinusoid_dim: int = 64  # sinusoidal step-encoding width
     groups: int = 32  # GroupNorm groups, everywhere
+    num_classes: int = 0  # > 0: class-conditional, with one extra "no label" row
 
     def to_dict(self):
         return {**asdict(self), "widths": list(self.widths)}
@@ -144,6 +146,10 @@ class UNet(Module):
         self.fc1 = Linear(config.sinusoid_dim, E, rng=rng, dtype=dtype)
         self.time_act = Swish()
         self.fc2 = Linear(E, E, rng=rng, dtype=dtype)
+        if config.num_classes:
+            # Row num_classes is the "no label" embedding, which classifier-free guidance
+            # trains by dropping labels and samples with for the unconditional estimate.
+            self.label_emb = LabelEmbedding(config.num_classes + 1, E, rng=rng, dtype=dtype)
 
         self.conv_in = Conv2d(config.channels, c1, 3, rng=rng, dtype=dtype)
         self.conv_in.needs_input_grad = False
@@ -168,12 +174,22 @@ class UNet(Module):
         self.act_out = Swish()
         self.conv_out = Conv2d(2 * c1, config.channels, 3, rng=rng, dtype=dtype)
 
-    def forward(self, x, t, intermediates=None):
-        """Predicted noise; if ``intermediates`` is a dict, every block's output is put in it
-        under the names of the golden file (``act_r1``, ``act_a3``, ...)."""
+    @property
+    def null_label(self):
+        """The label index that means "no label" (conditional networks only)."""
+        return self.config.num_classes
+
+    def forward(self, x, t, labels=None, intermediates=None):
+        """Predicted noise. ``labels`` (B,) host ints pick the class of a conditional
+        network (None or :attr:`null_label`: unconditional). If ``intermediates`` is a
+        dict, every block's output is put in it under the golden file's names."""
+        xp = get_array_module(x)
         keep = intermediates if intermediates is not None else {}
-        keep["act_sinusoid"] = s = self.sinusoid(to_device(np.asarray(t), get_array_module(x)))
+        keep["act_sinusoid"] = s = self.sinusoid(to_device(np.asarray(t), xp))
         keep["act_time_embedding"] = emb = self.fc2(self.time_act(self.fc1(s)))
+        if self.config.num_classes:
+            labels = np.full(len(x), self.null_label) if labels is None else np.asarray(labels)
+            emb = emb + self.label_emb(to_device(labels, xp))
 
         keep["act_conv_in"] = h0 = self.conv_in(x)
         keep["act_r1"] = h1 = self.r1(h0, emb)
@@ -235,5 +251,7 @@ class UNet(Module):
         dh0 = dh0 + res_backward(self.r1, dh1)
         self.conv_in.backward(dh0)
 
+        if self.config.num_classes:
+            self.label_emb.backward(demb)
         self.fc1.backward(self.time_act.backward(self.fc2.backward(demb)))
         return None

@@ -48,8 +48,8 @@ class Module:
 
     _cache = None
 
-    def __call__(self, *inputs):
-        return self.forward(*inputs)
+    def __call__(self, *inputs, **options):
+        return self.forward(*inputs, **options)
 
     def forward(self, *inputs):
         raise NotImplementedError

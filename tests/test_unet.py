@@ -1,0 +1,66 @@
+"""The example's U-Net: its size, its wiring (against the golden forward pass) and its gradient."""
+
+import numpy as np
+import pytest
+
+from bench.golden import default_golden_dir, golden_forward, golden_params, golden_state, seeded_named_state
+from tinyddpm.gradcheck import BOUND, check_module
+from tinyddpm.unet import UNet, preset
+
+GOLDEN = default_golden_dir()
+needs_golden = pytest.mark.skipif(not (GOLDEN / "example_net_forward.npz").is_file(),
+                                  reason=f"golden files not found in {GOLDEN} (set TINYDDPM_SHARED)")
+
+
+def nchw(a):
+    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+def test_example_network_size():
+    model = UNet(preset("example"))
+    assert model.num_parameters() == 12_980_033
+    assert len(model.parameters()) == 274
+    assert UNet(preset("example", channels=3)).num_parameters() == 12_983_491
+
+
+@needs_golden
+def test_names_and_shapes_match_the_spec_table():
+    spec = [(p["name"], tuple(p["shape"])) for p in golden_params()["params"]]
+    ours = [(name, p.data.shape) for name, p in UNet(preset("example")).named_parameters()]
+    assert ours == spec
+
+
+@pytest.fixture(scope="module")
+def golden_run():
+    model = UNet(preset("example"), dtype=np.float64)
+    model.load_state_dict(golden_state())
+    expected = golden_forward()
+    intermediates = {}
+    out = model(expected["x"].transpose(0, 2, 3, 1), expected["t"], intermediates=intermediates)
+    return expected, out, intermediates
+
+
+@needs_golden
+@pytest.mark.parametrize("name", ["act_sinusoid", "act_time_embedding", "act_conv_in"]
+                         + [f"act_r{i}" for i in range(1, 15)]
+                         + [f"act_a{i}" for i in (3, 4, 7, 8, 11, 12)] + ["out"])
+def test_golden_forward(golden_run, name):
+    """Every block's output equals the independent float64 implementation to 1e-10."""
+    expected, out, intermediates = golden_run
+    ours = nchw(out if name == "out" else intermediates[name])
+    error = np.linalg.norm(ours - expected[name]) / np.linalg.norm(expected[name])
+    assert error < 1e-10, f"{name}: relative error {error:.2e}"
+
+
+def test_full_network_gradient_check_at_reduced_width():
+    """Float64 central differences through the whole tiny-preset graph (same topology)."""
+    model = UNet(preset("tiny"), dtype=np.float64)
+    shapes = {name: p.data.shape for name, p in model.named_parameters()}
+    model.load_state_dict(seeded_named_state(shapes, {"up1.weight", "up2.weight"}))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 32, 32, 1))
+    t = np.array([3, 400])
+    rows = check_module(model, [x, t], rng, wrt=())  # the image input has no gradient
+    assert len(rows) == 1 + len(shapes)
+    worst = max(rows, key=lambda r: r.error)
+    assert worst.error < BOUND, f"worst: {worst}"
