@@ -1,0 +1,19 @@
+"""Shared fixtures: ``xp``, the array module of each device a test runs on.
+
+A test that takes ``xp`` runs once on NumPy ("cpu") and once on CuPy ("gpu").
+The gpu run carries the ``gpu`` mark (deselect with ``-m 'not gpu'``) and is
+skipped, with the reason, where CuPy or a CUDA GPU is missing.
+"""
+
+import pytest
+
+from tinyddpm.backend import array_module, gpu_unavailable_reason
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def xp(request):
+    if request.param == "gpu":
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"gpu: {reason}")
+    return array_module(request.param)

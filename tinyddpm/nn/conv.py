@@ -1,0 +1,192 @@
+"""2-D convolution on channels-last images, as im2col + one matrix product.
+
+Shapes: input ``x`` (N, H, W, C), weight ``w`` (OC, C, KH, KW) (the PyTorch
+layout), bias ``b`` (OC,), output (N, OH, OW, OC).
+
+Forward copies every KH x KW patch of the padded input into one row of a
+``cols`` matrix (N*OH*OW, KH*KW*C), read through a strided view so no Python
+loop touches pixels, and multiplies it by the weight as a (KH*KW*C, OC) matrix.
+Backward is two more products: ``dw = cols^T @ dout`` and, for the input,
+``dcols = dout @ w^T`` followed by :func:`col2im`, which adds each row of
+``dcols`` back onto the patch it came from (KH*KW strided adds). ``cols`` is 9x
+the input, so it is not cached: backward rebuilds it from the saved input.
+
+A stride-1 conv takes a faster road to its input gradient: it is the
+correlation of the (re-padded) output gradient with the spatially flipped
+kernel, again one im2col and one product, which beats nine strided adds over
+the whole image.
+
+Padding follows MATLAB's ``"same"``: the output is ceil(H / stride) tall, and an
+odd total padding puts the extra row at the bottom (and column at the right).
+So 3x3 stride 1 pads 1 on every side, 1x1 pads nothing, and 3x3 stride 2 pads
+0 top/left and 1 bottom/right.
+"""
+
+import numpy as np
+
+from tinyddpm.backend import get_array_module
+from tinyddpm.nn.module import Module, Parameter
+
+
+def same_padding(size, kernel, stride):
+    """MATLAB "same" padding ``(before, after)`` of one spatial axis of length ``size``."""
+    out = -(-size // stride)  # ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_hw(x, pad_h, pad_w):
+    """Zero-pad the H and W axes of ``x`` (N, H, W, C) by ``(before, after)`` pairs."""
+    if pad_h == (0, 0) and pad_w == (0, 0):
+        return x
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    out = xp.zeros((N, H + sum(pad_h), W + sum(pad_w), C), dtype=x.dtype)
+    out[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W] = x
+    return out
+
+
+def im2col(xpad, KH, KW, stride):
+    """Patches of the padded input ``xpad`` (N, Hp, Wp, C) as rows (N*OH*OW, KH*KW*C).
+
+    Row ``(n, i, j)`` holds ``xpad[n, s*i + a, s*j + b, c]`` at column ``(a, b, c)``.
+    """
+    xp = get_array_module(xpad)
+    N, Hp, Wp, C = xpad.shape
+    OH = (Hp - KH) // stride + 1
+    OW = (Wp - KW) // stride + 1
+    sN, sH, sW, sC = xpad.strides
+    patches = xp.lib.stride_tricks.as_strided(
+        xpad, shape=(N, OH, OW, KH, KW, C),
+        strides=(sN, stride * sH, stride * sW, sH, sW, sC))
+    return patches.reshape(N * OH * OW, KH * KW * C)  # the copy happens here
+
+
+def col2im(cols, padded_shape, KH, KW, stride):
+    """The adjoint of :func:`im2col`: add each row of ``cols`` back onto its patch.
+
+    ``cols`` (N*OH*OW, KH*KW*C) -> padded image ``padded_shape`` (N, Hp, Wp, C).
+    """
+    xp = get_array_module(cols)
+    N, Hp, Wp, C = padded_shape
+    OH = (Hp - KH) // stride + 1
+    OW = (Wp - KW) // stride + 1
+    patches = cols.reshape(N, OH, OW, KH, KW, C)
+    xpad = xp.zeros(padded_shape, dtype=cols.dtype)
+    for a in range(KH):
+        for b in range(KW):
+            xpad[:, a:a + stride * OH:stride, b:b + stride * OW:stride] += patches[:, :, :, a, b]
+    return xpad
+
+
+def weight_matrix(w):
+    """Weight (OC, C, KH, KW) as the (KH*KW*C, OC) matrix that multiplies ``cols``."""
+    OC, C, KH, KW = w.shape
+    return w.transpose(2, 3, 1, 0).reshape(KH * KW * C, OC)
+
+
+def padded_columns(x, KH, KW, stride):
+    """``cols`` of ``x`` (N, H, W, C) under "same" padding; a 1x1 stride-1 conv needs no copy."""
+    N, H, W, C = x.shape
+    if KH == KW == stride == 1:
+        return x.reshape(N * H * W, C)
+    xpad = pad_hw(x, same_padding(H, KH, stride), same_padding(W, KW, stride))
+    return im2col(xpad, KH, KW, stride)
+
+
+def correlate(x, w, stride):
+    """The conv without bias: ``x`` (N, H, W, C), ``w`` (OC, C, KH, KW) -> (N, OH, OW, OC)."""
+    N, H, W, _ = x.shape
+    OC, _, KH, KW = w.shape
+    out = padded_columns(x, KH, KW, stride) @ weight_matrix(w)
+    return out.reshape(N, -(-H // stride), -(-W // stride), OC)
+
+
+def correlate_weight_grad(x, dout, KH, KW, stride):
+    """``dw`` (OC, C, KH, KW) of :func:`correlate` from its input and output gradient."""
+    C, OC = x.shape[-1], dout.shape[-1]
+    dw = padded_columns(x, KH, KW, stride).T @ dout.reshape(-1, OC)
+    return dw.reshape(KH, KW, C, OC).transpose(3, 2, 0, 1)
+
+
+def correlate_valid(xpad, w):
+    """Stride-1 correlation of an already padded ``xpad`` with ``w``, no further padding."""
+    N, Hp, Wp, _ = xpad.shape
+    OC, _, KH, KW = w.shape
+    out = im2col(xpad, KH, KW, 1) @ weight_matrix(w)
+    return out.reshape(N, Hp - KH + 1, Wp - KW + 1, OC)
+
+
+def correlate_input_grad(dout, w, x_shape, stride):
+    """``dx`` of shape ``x_shape`` (N, H, W, C) of :func:`correlate` from its output gradient."""
+    xp = get_array_module(dout)
+    N, H, W, C = x_shape
+    OC, _, KH, KW = w.shape
+    pad_h, pad_w = same_padding(H, KH, stride), same_padding(W, KW, stride)
+    if stride == 1:
+        # dx[i, j] = sum_ab dout[i + pad - a, j + pad - b] w[a, b]: a correlation with the
+        # flipped kernel, over dout padded by the mirror image of the forward padding.
+        flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, OC, KH, KW)
+        return correlate_valid(pad_hw(dout, pad_h[::-1], pad_w[::-1]), flipped)
+    dcols = dout.reshape(-1, OC) @ weight_matrix(w).T
+    dxpad = col2im(dcols, (N, H + sum(pad_h), W + sum(pad_w), C), KH, KW, stride)
+    return xp.ascontiguousarray(dxpad[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W])
+
+
+def conv2d_forward(x, w, b, stride=1):
+    """Conv ``x`` (N, H, W, C) with ``w`` (OC, C, KH, KW) and bias ``b`` (OC,).
+
+    Returns ``(out, cache)`` with ``out`` (N, OH, OW, OC).
+    """
+    out = correlate(x, w, stride)
+    out += b
+    return out, (x, w, stride)
+
+
+def conv2d_backward(dout, cache, needs_input_grad=True):
+    """Gradients ``(dx, dw, db)`` of :func:`conv2d_forward`; ``dx`` is None if not needed."""
+    x, w, stride = cache
+    OC, _, KH, KW = w.shape
+    db = dout.reshape(-1, OC).sum(axis=0)
+    dw = correlate_weight_grad(x, dout, KH, KW, stride)
+    dx = correlate_input_grad(dout, w, x.shape, stride) if needs_input_grad else None
+    return dx, dw, db
+
+
+def glorot_uniform(rng, shape, fan_in, fan_out, dtype):
+    """Glorot (Xavier) uniform initialisation, MATLAB's default for weights."""
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+class Conv2d(Module):
+    """2-D convolution with MATLAB "same" padding on channels-last images.
+
+    Shapes: x (N, H, W, C) -> out (N, ceil(H/stride), ceil(W/stride), OC);
+    weight (OC, C, KH, KW), bias (OC,).
+
+    Set ``needs_input_grad = False`` on a conv that reads the network input:
+    its backward then skips the input gradient and returns None.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, rng=None, dtype=np.float32):
+        rng = np.random.default_rng() if rng is None else rng
+        KH = KW = kernel_size
+        self.stride = stride
+        self.needs_input_grad = True
+        self.weight = Parameter(glorot_uniform(
+            rng, (out_channels, in_channels, KH, KW),
+            fan_in=in_channels * KH * KW, fan_out=out_channels * KH * KW, dtype=dtype))
+        self.bias = Parameter(np.zeros(out_channels, dtype=dtype))
+
+    def forward(self, x):
+        out, cache = conv2d_forward(x, self.weight.data, self.bias.data, self.stride)
+        self.save_for_backward(cache)
+        return out
+
+    def backward(self, dout):
+        (cache,) = self.saved()
+        dx, dw, db = conv2d_backward(dout, cache, self.needs_input_grad)
+        self.weight.grad += dw
+        self.bias.grad += db
+        return dx
