@@ -60,7 +60,29 @@ def test_full_network_gradient_check_at_reduced_width():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 32, 32, 1))
     t = np.array([3, 400])
-    rows = check_module(model, [x, t], rng, wrt=())  # the image input has no gradient
-    assert len(rows) == 1 + len(shapes)
+    # The image input has no gradient; one direction per block (r1, a3, up1, ...).
+    rows = check_module(model, [x, t], rng, wrt=(), group=lambda name: name.split(".")[0])
+    assert len(rows) == 1 + len({name.split(".")[0] for name in shapes})
     worst = max(rows, key=lambda r: r.error)
     assert worst.error < BOUND, f"worst: {worst}"
+
+
+def test_full_network_check_names_a_broken_block(monkeypatch):
+    """Scaling one block's embedding gradient by 1.001 must fail the check, under that block's name."""
+    from tinyddpm.unet import ResBlock
+
+    model = UNet(preset("tiny"), rng=np.random.default_rng(1), dtype=np.float64)
+    original = ResBlock.backward
+
+    def broken(self, dout):
+        dx, demb = original(self, dout)
+        return dx, demb * 1.001 if self is model.r7 else demb
+
+    monkeypatch.setattr(ResBlock, "backward", broken)
+    rng = np.random.default_rng(0)
+    rows = check_module(model, [rng.standard_normal((2, 32, 32, 1)), np.array([3, 400])], rng, wrt=(),
+                        group=lambda name: name.split(".")[0])
+    failed = {r.name for r in rows if r.error >= BOUND}
+    assert "all" in failed or "fc1" in failed or "fc2" in failed
+    assert {"fc1", "fc2"} & failed  # the time MLP receives the corrupted sum
+    assert not {"r1", "r14", "conv_out"} & failed

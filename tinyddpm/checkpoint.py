@@ -58,6 +58,11 @@ def save_checkpoint(path, checkpoint):
     }
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
 
+    atomic_write(path, data)
+
+
+def atomic_write(path, data):
+    """Write ``data`` (bytes) to ``path`` through a flushed temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -123,8 +128,8 @@ PRETRAINED = Path(__file__).parent / "pretrained" / "digits-small.safetensors"
 def load_model(path=None, weights="model"):
     """A :class:`UNet` with the weights of checkpoint ``path`` (default: the shipped model).
 
-    ``weights`` picks the trained weights ("model") or their moving average ("ema").
-    Returns ``(model, train_info)``.
+    ``weights`` picks the trained weights ("model"), their moving average ("ema"),
+    or "auto": the average where the checkpoint has one. Returns ``(model, train_info)``.
     """
     from tinyddpm.unet import UNet
 
@@ -134,6 +139,8 @@ def load_model(path=None, weights="model"):
         path = PRETRAINED
     checkpoint = load_checkpoint(path)
     state = checkpoint.model
+    if weights == "auto":
+        weights = "ema" if checkpoint.ema is not None else "model"
     if weights == "ema":
         if checkpoint.ema is None:
             raise CheckpointError(f"{path} has no EMA weights (train with --ema-decay)")

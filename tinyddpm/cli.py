@@ -49,11 +49,18 @@ def main():
 @click.option("--max-steps", type=int, default=None, help="Stop after this many updates.")
 @click.option("--preview-every", type=int, default=1, show_default=True,
               help="Epochs between 16-image sample grids (0: never).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
+@click.option("--conditional", is_flag=True,
+              help="Learn one model per class label (folder names) for `sample --digit`.")
+@click.option("--label-dropout", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="With --conditional: share of labels dropped, so the model also learns unconditionally.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Also keep an exponential moving average of the weights (e.g. 0.999).")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT/checkpoint.safetensors with its saved options (--epochs may extend it).")
 @device_option
 @_one_line_errors
 def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, seed, max_steps,
-          preview_every, resume, device):
+          preview_every, conditional, label_dropout, ema_decay, resume, device):
     """Train a DDPM (the example's recipe by default)."""
     from tinyddpm.train import TrainOptions, train as run_training
 
@@ -62,7 +69,8 @@ def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, se
             raise click.BadParameter(f"must be at least 1, got {value}", param_hint=name)
     options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                            seed=seed, data=data, channels=int(channels) if channels else None,
-                           preview_every=preview_every, max_steps=max_steps)
+                           preview_every=preview_every, max_steps=max_steps, conditional=conditional,
+                           label_dropout=label_dropout, ema_decay=ema_decay)
     result = run_training(options, out_dir, device=device, resume=resume, log=click.echo)
     click.echo(f"{result['steps']} updates, final loss {result['final_loss']:.4f}, "
                f"{result['seconds']:.0f} s; checkpoint {result['checkpoint']}")
@@ -74,27 +82,51 @@ def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, se
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="Checkpoint from `tinyddpm train`; default: the model that ships with tinyddpm.")
 @click.option("--num-images", type=int, default=9, show_default=True)
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
+              help="ddpm: the example's ancestral sampler (every step); ddim: fewer, larger steps.")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0 deterministic, 1 DDPM-like).")
+@click.option("--digit", "label", default=None, help="Class to generate (conditional models), e.g. 7.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond).")
+@click.option("--weights", type=click.Choice(["auto", "model", "ema"]), default="auto", show_default=True,
+              help="Trained weights or their moving average (auto: EMA when the checkpoint has it).")
 @click.option("--display-every", type=int, default=10, show_default=True,
-              help="Save the batch every N steps (0: only the final grid).")
+              help="Save the batch every N sampler steps (0: only the final grid).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="samples", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @_one_line_errors
-def sample(checkpoint, num_images, display_every, out_dir, seed, device):
-    """Generate images with the example's ancestral sampler."""
+def sample(checkpoint, num_images, sampler, steps, eta, label, guidance, weights, display_every, out_dir, seed,
+           device):
+    """Generate images (the example's ancestral sampler by default)."""
     from tinyddpm.backend import array_module
+    from tinyddpm.checkpoint import load_model
     from tinyddpm.diffusion import linear_schedule
     from tinyddpm.images import make_grid, save_gif, save_grid
-    from tinyddpm.checkpoint import load_model
-    from tinyddpm.sampling import ancestral_sample
+    from tinyddpm.sampling import sample as run_sampler
 
     if num_images < 1:
         raise click.BadParameter(f"must be at least 1, got {num_images}", param_hint="--num-images")
     xp = array_module(device)
-    model, train_info = load_model(checkpoint)
+    model, train_info = load_model(checkpoint, weights)
+    labels = None
+    if label is not None:
+        class_names = train_info.get("class_names") or []
+        if not model.config.num_classes:
+            raise click.UsageError("--digit needs a model trained with --conditional")
+        if label not in class_names:
+            raise click.BadParameter(f"{label!r} is not one of the model's classes {class_names}",
+                                     param_hint="--digit")
+        labels = np.full(num_images, class_names.index(label))
     model.to(xp)
     schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
-    images, snapshots = ancestral_sample(model, schedule, np.random.default_rng(seed), num_images, display_every)
+    try:
+        images, snapshots = run_sampler(model, schedule, np.random.default_rng(seed), num_images, sampler,
+                                        steps=steps, eta=eta, labels=labels, guidance=guidance,
+                                        display_every=display_every, progress=True)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
 
     out = Path(out_dir)
     save_grid(images, out / "samples.png")
@@ -154,3 +186,57 @@ def gradcheck(device, seed):
     click.echo(format_table(rows))
     if not all(row.passed for row in rows):
         sys.exit(1)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Checkpoint to score; default: the model that ships with tinyddpm.")
+@click.option("--num-images", type=int, default=1000, show_default=True)
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--eta", type=float, default=0.0, show_default=True)
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Conditional models: guidance w, with labels cycling through the classes.")
+@click.option("--weights", type=click.Choice(["auto", "model", "ema"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="evaluation.json", show_default=True)
+@device_option
+@_one_line_errors
+def evaluate(checkpoint, num_images, sampler, steps, eta, guidance, weights, seed, out, device):
+    """Score generated digits: Fréchet distance in a digit classifier's features, and more."""
+    import json
+
+    from tinyddpm.backend import array_module
+    from tinyddpm.checkpoint import load_model
+    from tinyddpm.classifier import load_or_train_classifier
+    from tinyddpm.diffusion import linear_schedule
+    from tinyddpm.evaluate import held_out_real_images, score_images
+    from tinyddpm.sampling import sample as run_sampler
+
+    xp = array_module(device)
+    classifier, info = load_or_train_classifier(xp, log=click.echo)
+    click.echo(f"classifier held-out accuracy {info['held_out_accuracy']:.4f}")
+    real = held_out_real_images()
+    if not 1 < num_images <= len(real) // 2:
+        raise click.BadParameter(f"must be in 2..{len(real) // 2}, got {num_images}", param_hint="--num-images")
+    model, train_info = load_model(checkpoint, weights)
+    model.to(xp)
+    labels = np.arange(num_images) % model.config.num_classes if model.config.num_classes else None
+    schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
+    rng, chunks = np.random.default_rng(seed), []
+    for start in range(0, num_images, 250):  # bounded memory: sample 250 at a time
+        count = min(250, num_images - start)
+        chunks.append(run_sampler(model, schedule, rng, count, sampler, steps=steps, eta=eta, guidance=guidance,
+                                  labels=None if labels is None else labels[start:start + count], progress=True)[0])
+    generated = np.concatenate(chunks)
+    scores = score_images(classifier, generated, real, labels)
+    scores.update(classifier_accuracy=info["held_out_accuracy"], sampler=sampler,
+                  steps=steps if sampler == "ddim" else schedule.num_steps, eta=eta,
+                  guidance=guidance if labels is not None else None, checkpoint=str(checkpoint or "shipped"))
+    Path(out).write_text(json.dumps(scores, indent=1))
+    click.echo(f"Fréchet distance {scores['frechet_distance']:.3f} (real-vs-real floor {scores['real_floor']:.3f}), "
+               f"mean confidence {scores['mean_confidence']:.3f}")
+    click.echo(f"class histogram {scores['class_histogram']}")
+    if labels is not None:
+        click.echo(f"requested digit recognised in {scores['requested_class_rate']:.1%} of samples")
+    click.echo(f"wrote {out}")

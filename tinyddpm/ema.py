@@ -5,6 +5,8 @@ from the average is usually cleaner than from the last weights, because it
 smooths the noise of the final updates.
 """
 
+import numpy as np
+
 from tinyddpm.backend import get_array_module, to_device, to_host
 
 
@@ -24,7 +26,7 @@ class EMA:
             average += (1.0 - self.decay) * param.data
 
     def state_dict(self):
-        return {name: to_host(a) for name, a in self.averages.items()}
+        return {name: np.array(to_host(a)) for name, a in self.averages.items()}
 
     def load_state_dict(self, state):
         if set(state) != set(self.averages):

@@ -43,12 +43,15 @@ from tinyddpm.nn import (
     Concat,
     Conv2d,
     ConvTranspose2d,
+    GlobalAvgPool,
     GroupNorm,
+    LabelEmbedding,
     Linear,
     Module,
     MSELoss,
     ScaledDotProductAttention,
     SelfAttention,
+    SoftmaxCrossEntropy,
     Swish,
     no_grad,
 )
@@ -90,13 +93,15 @@ class _Checked(NamedTuple):
     grad: object
 
 
-def check_module(module, inputs, rng, wrt=None, step=STEP):
+def check_module(module, inputs, rng, wrt=None, step=STEP, group=None):
     """Directional gradient checks of ``module`` at ``inputs``; returns a list of :class:`GradRow`.
 
     The module's parameters are cast to float64 in place. ``wrt`` lists the
     indices of the inputs whose gradients backward returns (default: all
     floating-point inputs). The first row ("all") checks everything at once,
-    then one row per input (named after forward's argument) and per parameter.
+    then one row per input (named after forward's argument) and per parameter,
+    or, if ``group`` maps a tensor name to a group name, one row per group
+    (a whole network checks block by block in a few dozen directions).
     """
     module.astype(np.float64)
     inputs = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in inputs]
@@ -143,10 +148,13 @@ def check_module(module, inputs, rng, wrt=None, step=STEP):
 
     rows = [GradRow("all", (), relative_error(
         unit([xp.asarray(rng.standard_normal(t.value.shape)) for t in checked])))]
-    for k, t in enumerate(checked):
-        directions = [xp.zeros_like(other.value) for other in checked]
-        directions[k] = xp.asarray(rng.standard_normal(t.value.shape))
-        rows.append(GradRow(t.name, tuple(t.value.shape), relative_error(unit(directions))))
+    group = group or (lambda name: name)
+    for g in dict.fromkeys(group(t.name) for t in checked):
+        members = [t for t in checked if group(t.name) == g]
+        directions = [xp.asarray(rng.standard_normal(t.value.shape)) if t in members else xp.zeros_like(t.value)
+                      for t in checked]
+        shape = tuple(members[0].value.shape) if len(members) == 1 else (sum(int(t.value.size) for t in members),)
+        rows.append(GradRow(g, shape, relative_error(unit(directions))))
     return rows
 
 
@@ -222,6 +230,9 @@ def standard_checks(xp, rng):
         Case("concat", Concat(), (randn(2, 3, 3, 2), randn(2, 3, 3, 4))),
         Case("broadcast add", BroadcastAdd(), (randn(2, 3, 4, 5), randn(2, 5))),
         Case("mse loss", MSELoss(), (randn(3, 4, 4, 1), randn(3, 4, 4, 1)), wrt=(0,)),
+        Case("label embedding", LabelEmbedding(4, 5, rng=rng), (to_device(np.array([2, 0, 2, 3]), xp),)),
+        Case("global average pool", GlobalAvgPool(), (randn(2, 3, 4, 5),)),
+        Case("softmax cross-entropy", SoftmaxCrossEntropy(), (3 * randn(4, 6), to_device(np.array([5, 0, 2, 5]), xp))),
         Case("tiny u-net", TinyUNet(channels=2, width=4, emb_dim=6, rng=rng), (randn(2, 8, 8, 2), randn(2, 6))),
     ]
     for case in cases:

@@ -6,16 +6,11 @@ the CPU and the GPU, and two samplers fed the same generator see the same noise.
 """
 
 import numpy as np
+from tqdm import tqdm
 
 from tinyddpm.backend import get_array_module, to_device, to_host
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import no_grad
-
-
-def model_device(model):
-    """The array module and dtype of ``model``'s parameters."""
-    data = next(iter(model.parameters().values())).data
-    return get_array_module(data), data.dtype
 
 
 def predict_noise(model, x, t, labels=None, guidance=1.0):
@@ -40,16 +35,16 @@ def predict_noise(model, x, t, labels=None, guidance=1.0):
 
 
 def sample(model, schedule, rng, num_images, sampler="ddpm", steps=None, eta=0.0,
-           labels=None, guidance=1.0, display_every=0):
+           labels=None, guidance=1.0, display_every=0, progress=False):
     """Run a sampler from pure noise down to t = 0.
 
     ``sampler`` is "ddpm" (the example's ancestral sampler, every step) or
     "ddim" (``steps`` evenly spaced steps, noise scale ``eta``). Returns
     ``(images, snapshots)``: the final (N, 32, 32, C) host array, and a list
     of ``(t, host images)`` at t = T, after every ``display_every`` sampler
-    steps, and at t = 0 (empty if ``display_every`` is 0).
+    steps, and at t = 0 (empty if ``display_every`` is 0). ``progress`` shows a bar.
     """
-    xp, dtype = model_device(model)
+    xp, dtype = model.array_module(), model.fc1.weight.data.dtype
     shape = (num_images, 32, 32, model.config.channels)
     T = schedule.num_steps
     if labels is not None:
@@ -67,8 +62,10 @@ def sample(model, schedule, rng, num_images, sampler="ddpm", steps=None, eta=0.0
 
     x = noise()
     snapshots = [(T, to_host(x))] if display_every else []
+    pairs = list(zip(timesteps, [*timesteps[1:], 0]))
     with no_grad():
-        for i, (t, t_prev) in enumerate(zip(timesteps, [*timesteps[1:], 0]), start=1):
+        for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{sampler} sampling", unit="step", disable=not progress,
+                                             dynamic_ncols=True), start=1):
             eps = predict_noise(model, x, int(t), labels, guidance)
             if sampler == "ddpm":
                 x = ancestral_step(schedule, x, int(t), eps, noise() if t > 1 else None)

@@ -9,15 +9,16 @@ resume, and a resumed run draws exactly what an uninterrupted one would.
 import csv
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from tinyddpm.backend import array_module, to_device
 from tinyddpm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from tinyddpm.datasets import load_dataset
+from tinyddpm.datasets import DataError, load_dataset
 from tinyddpm.diffusion import linear_schedule, q_sample, sample_timesteps
+from tinyddpm.ema import EMA
 from tinyddpm.images import save_grid
 from tinyddpm.nn import MSELoss
 from tinyddpm.optim import Adam
@@ -40,6 +41,9 @@ class TrainOptions:
     channels: int | None = None  # None: inferred from the data
     num_steps: int = 500  # T
     preview_every: int = 1  # epochs between 16-image previews (0: never)
+    conditional: bool = False  # learn p(x | label) from the folder labels
+    label_dropout: float = 0.1  # share of labels replaced by "no label" (classifier-free guidance)
+    ema_decay: float | None = None  # keep a moving average of the weights with this decay
     max_steps: int | None = None  # stop early after this many updates (for quick runs)
 
 
@@ -51,11 +55,11 @@ def step_rng(seed, step):
     return np.random.default_rng([seed, 1, step])
 
 
-def train_step(model, optimizer, loss_fn, schedule, x0, t, noise):
+def train_step(model, optimizer, loss_fn, schedule, x0, t, noise, labels=None):
     """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the loss."""
     x_t = q_sample(schedule, x0, t, noise)
     model.zero_grad()
-    loss = loss_fn(model(x_t, t), noise)
+    loss = loss_fn(model(x_t, t, labels), noise)
     model.backward(loss_fn.backward())
     optimizer.step()
     return loss
@@ -94,10 +98,15 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
         saved["max_steps"] = options.max_steps
         options = TrainOptions(**saved)
 
-    dataset = load_dataset(options.data, channels=options.channels, seed=options.seed)
+    dataset = load_dataset(options.data, channels=options.channels)
     config = preset(options.preset, channels=dataset.images.shape[-1])
+    if options.conditional:
+        if dataset.labels is None:
+            raise DataError(f"--conditional needs labelled data (class subfolders); {dataset.source} has none")
+        config = replace(config, num_classes=len(dataset.class_names))
     model = UNet(config, rng=np.random.default_rng([options.seed, 2])).to(xp)
     optimizer = Adam(model.parameters(), lr=options.learning_rate)
+    ema = EMA(model.parameters(), options.ema_decay) if options.ema_decay else None
     step = 0
     if resumed is not None:
         if resumed.model_config != config:
@@ -105,6 +114,8 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
         try:
             model.load_state_dict(resumed.model)
             optimizer.load_state_dict(resumed.adam)
+            if ema is not None:
+                ema.load_state_dict(resumed.ema)
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{checkpoint_path} does not fit the model: {error}") from None
         step = resumed.train["step"]
@@ -128,7 +139,9 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
     def checkpoint():
         save_checkpoint(checkpoint_path, Checkpoint(
             model_config=config, model=model.state_dict(), adam=optimizer.state_dict(),
-            train={"step": step, "epoch": step // steps_per_epoch, "options": asdict(options)}))
+            ema=ema.state_dict() if ema is not None else None,
+            train={"step": step, "epoch": step // steps_per_epoch, "options": asdict(options),
+                   "class_names": dataset.class_names}))
 
     log(f"training {options.preset} network ({model.num_parameters():,} parameters) on {dataset.source}: "
         f"{num_images} images, {steps_per_epoch} updates/epoch, {total_steps} updates, device {device}")
@@ -143,7 +156,14 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
             rng = step_rng(options.seed, step)
             t = sample_timesteps(rng, options.batch_size, options.num_steps)
             noise = to_device(rng.standard_normal((options.batch_size, *images.shape[1:]), dtype=np.float32), xp)
-            loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t, noise))
+            labels = None
+            if options.conditional:
+                dropped = rng.random(options.batch_size) < options.label_dropout
+                labels = np.where(dropped, model.null_label, dataset.labels[batch])
+            loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t, noise,
+                                    labels))
+            if ema is not None:
+                ema.update()
             step += 1
             elapsed = time.perf_counter() - started
             writer.writerow([step, epoch + 1, iteration + 1, f"{loss:.6f}", f"{elapsed:.2f}"])
@@ -156,8 +176,9 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
                 _save_loss_curve(log_path, out_dir / "loss.png")
                 epoch_done = step // steps_per_epoch
                 if options.preview_every and (epoch_done % options.preview_every == 0 or step == total_steps):
-                    preview, _ = ancestral_sample(
-                        model, schedule, np.random.default_rng([options.seed, 3, step]), 16)
+                    preview_labels = np.arange(16) % config.num_classes if options.conditional else None
+                    preview, _ = ancestral_sample(model, schedule, np.random.default_rng([options.seed, 3, step]),
+                                                  16, labels=preview_labels)
                     save_grid(preview, out_dir / "samples" / f"step_{step:06d}.png", ncols=4)
         bar.close()
         if stop.requested:

@@ -86,6 +86,10 @@ class Module:
         """A dict ``{dotted_name: Parameter}``."""
         return dict(self.named_parameters())
 
+    def array_module(self):
+        """NumPy or CuPy: where this module's parameters live."""
+        return get_array_module(next(self.named_parameters())[1].data)
+
     def num_parameters(self):
         return sum(int(p.data.size) for _, p in self.named_parameters())
 
@@ -108,8 +112,8 @@ class Module:
         return self
 
     def state_dict(self):
-        """``{name: host NumPy array}`` of every parameter."""
-        return {name: to_host(p.data) for name, p in self.named_parameters()}
+        """``{name: host NumPy array}``: a copy of every parameter, safe to keep."""
+        return {name: np.array(to_host(p.data)) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state):
         """Copy arrays from ``state`` into the parameters; names and shapes must match."""
