@@ -32,6 +32,23 @@ def softmax(scores):
     return scores
 
 
+def batched_matmul(a, b):
+    """``a @ b`` over the leading (batch, head) axes.
+
+    NumPy's stacked matmul does not hand transposed operands to BLAS and falls
+    back to a slow loop; one 2-D product per matrix pair does use BLAS (which
+    reads transposed views as they are), and is 10-40x faster here. CuPy's
+    batched matmul is fine as it is.
+    """
+    xp = get_array_module(a)
+    if xp is not np:
+        return xp.matmul(a, b)
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    for index in np.ndindex(*a.shape[:-2]):
+        np.matmul(a[index], b[index], out=out[index])
+    return out
+
+
 def _split_heads(a, heads):
     """(N, L, C) -> (N, h, L, D), a view."""
     N, L, C = a.shape
@@ -60,22 +77,20 @@ class ScaledDotProductAttention(Module):
         qh = _split_heads(q, heads) * (1.0 / math.sqrt(q.shape[-1] // heads))
         kh = _split_heads(k, heads)
         vh = _split_heads(v, heads)
-        xp = get_array_module(q)
-        p = softmax(xp.matmul(qh, kh.transpose(0, 1, 3, 2)))
+        p = softmax(batched_matmul(qh, kh.transpose(0, 1, 3, 2)))
         self.save_for_backward(qh, kh, vh, p)
-        return _merge_heads(xp.matmul(p, vh))
+        return _merge_heads(batched_matmul(p, vh))
 
     def backward(self, dout):
         qh, kh, vh, p = self.saved()
-        xp = get_array_module(dout)
         doh = _split_heads(dout, self.num_heads)
-        dv = xp.matmul(p.transpose(0, 1, 3, 2), doh)
-        dscores = xp.matmul(doh, vh.transpose(0, 1, 3, 2))
+        dv = batched_matmul(p.transpose(0, 1, 3, 2), doh)
+        dscores = batched_matmul(doh, vh.transpose(0, 1, 3, 2))
         dscores -= (dscores * p).sum(axis=-1, keepdims=True)
         dscores *= p
-        dq = xp.matmul(dscores, kh)
+        dq = batched_matmul(dscores, kh)
         dq *= 1.0 / math.sqrt(qh.shape[-1])
-        dk = xp.matmul(dscores.transpose(0, 1, 3, 2), qh)
+        dk = batched_matmul(dscores.transpose(0, 1, 3, 2), qh)
         return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
 
 
