@@ -14,12 +14,13 @@ def _one_line_errors(command):
     """Report the errors a user can cause as one line, not a traceback."""
     from tinyddpm.checkpoint import CheckpointError
     from tinyddpm.datasets import DataError
+    from tinyddpm.distributed import DistributedError
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (DeviceError, DataError, CheckpointError) as error:
+        except (DeviceError, DataError, CheckpointError, DistributedError) as error:
             raise click.ClickException(str(error)) from None
     return wrapper
 
@@ -57,11 +58,15 @@ def main():
               help="Also keep an exponential moving average of the weights (e.g. 0.999).")
 @click.option("--resume", is_flag=True,
               help="Continue from OUT/checkpoint.safetensors with its saved options (--epochs may extend it).")
+@click.option("--distributed", is_flag=True,
+              help="Data-parallel over the processes of `mpiexec -n N` (one per CPU or GPU), each taking "
+                   "1/N of every batch; needs the 'distributed' extra. Without mpiexec: one process.")
 @device_option
 @_one_line_errors
 def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, seed, max_steps,
-          preview_every, conditional, label_dropout, ema_decay, resume, device):
+          preview_every, conditional, label_dropout, ema_decay, resume, distributed, device):
     """Train a DDPM (the example's recipe by default)."""
+    from tinyddpm.distributed import init, launched_ranks
     from tinyddpm.train import TrainOptions, train as run_training
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
@@ -71,9 +76,16 @@ def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, se
                            seed=seed, data=data, channels=int(channels) if channels else None,
                            preview_every=preview_every, max_steps=max_steps, conditional=conditional,
                            label_dropout=label_dropout, ema_decay=ema_decay)
-    result = run_training(options, out_dir, device=device, resume=resume, log=click.echo)
-    click.echo(f"{result['steps']} updates, final loss {result['final_loss']:.4f}, "
-               f"{result['seconds']:.0f} s; checkpoint {result['checkpoint']}")
+    group = None
+    if distributed:
+        group = init(device)
+    elif launched_ranks() > 1:
+        raise click.UsageError(f"started as one of {launched_ranks()} MPI processes, which would each train alone "
+                               "into the same --out: add --distributed")
+    result = run_training(options, out_dir, device=device, resume=resume, log=click.echo, group=group)
+    if group is None or group.is_root:
+        click.echo(f"{result['steps']} updates, final loss {result['final_loss']:.4f}, "
+                   f"{result['seconds']:.0f} s; checkpoint {result['checkpoint']}")
     if result["interrupted"]:
         sys.exit(130)
 

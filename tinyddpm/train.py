@@ -4,9 +4,16 @@ Randomness is counter-based: the shuffle of epoch ``e`` comes from
 ``default_rng([seed, 0, e])`` and the steps and noise of update ``s`` from
 ``default_rng([seed, 1, s])``. Nothing but the update count needs saving to
 resume, and a resumed run draws exactly what an uninterrupted one would.
+
+Given a :class:`~tinyddpm.distributed.ProcessGroup`, training is data-parallel:
+every rank draws the same global batch and trains on its own rows of it, the
+gradients are summed over the ranks, and rank 0 alone writes files and logs.
+The same seed gives the same run for any number of ranks, up to float32
+rounding.
 """
 
 import csv
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -57,35 +64,79 @@ def step_rng(seed, step):
 
 def train_step(model, optimizer, loss_fn, schedule, x0, t, noise, labels=None):
     """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the loss."""
-    x_t = q_sample(schedule, x0, t, noise)
-    model.zero_grad()
-    loss = loss_fn(model(x_t, t, labels), noise)
-    model.backward(loss_fn.backward())
+    loss = _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels)
     optimizer.step()
     return loss
 
 
-class _StopRequest:
-    """Turns the first Ctrl-C into a request to stop after the current update."""
+def data_parallel_step(group, model, optimizer, loss_fn, schedule, x0, t, noise, labels, stop):
+    """:func:`train_step` on this rank's equal share of a global batch of B images.
 
-    def __init__(self):
-        self.requested = False
+    ``MSELoss`` averages over the rank's B / N images; weighting it by 1 / N makes
+    each rank's loss its summed squared error over 2B. Summed over the ranks,
+    losses and gradients are then exactly those of the whole batch, and every
+    rank takes the same Adam step. ``stop`` (a Ctrl-C on this rank) is summed
+    with them. Returns the batch's loss and whether any rank asked to stop.
+    """
+    share = 1.0 / group.size
+    loss = _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels, weight=share)
+    loss, stop = group.sum_gradients(model.parameters(), loss, stop)
+    optimizer.step()
+    return loss, stop
+
+
+def _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels, weight=1.0):
+    """Noise ``x0`` to steps ``t``, predict the noise; fill ``param.grad`` for ``weight`` times the loss."""
+    x_t = q_sample(schedule, x0, t, noise)
+    model.zero_grad()
+    loss = loss_fn(model(x_t, t, labels), noise)
+    model.backward(loss_fn.backward(weight))
+    return loss * weight
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current update.
+
+    With ``agreed`` (a distributed run) the Ctrl-C only sets ``signalled``; the
+    training loop sets ``requested`` once the ranks have shared their flags, so
+    that all of them stop after the same update.
+    """
+
+    def __init__(self, agreed=False):
+        self.requested = self.signalled = False
+        self.agreed = agreed
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.signalled:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.signalled = True
+        if not self.agreed:
+            self.requested = True
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(options, out_dir, device="cpu", resume=False, progress=True, log=print):
-    """Train (or resume) and return a dict summary; everything is written under ``out_dir``."""
+def train(options, out_dir, device="cpu", resume=False, progress=True, log=print, group=None):
+    """Train (or resume) and return a dict summary; everything is written under ``out_dir``.
+
+    With a process ``group`` (from :func:`tinyddpm.distributed.init`) this rank
+    trains its share of each batch, and only rank 0 logs and writes. An error on
+    any rank stops every rank.
+    """
+    if group is None:
+        return _train(options, out_dir, device, resume, progress, log, None)
+    with group.abort_on_error():
+        if not group.is_root:
+            progress, log = False, lambda *_: None
+        return _train(options, out_dir, device, resume, progress, log, group)
+
+
+def _train(options, out_dir, device, resume, progress, log, group):
     xp = array_module(device)
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -128,13 +179,18 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
     total_steps = steps_per_epoch * options.epochs
     if options.max_steps is not None:
         total_steps = min(total_steps, options.max_steps)
+    writing = group is None or group.is_root
+    if group is not None:
+        rows = group.shard(options.batch_size)  # this rank's rows of every batch
+        group.check_same("the number of images and the update to start from", (num_images, step))
 
     schedule = linear_schedule(options.num_steps)
     loss_fn = MSELoss()
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "loss.csv"
-    if step == 0 or not log_path.exists():
-        log_path.write_text("step,epoch,iteration,loss,seconds\n")
+    if writing:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        if step == 0 or not log_path.exists():
+            log_path.write_text("step,epoch,iteration,loss,seconds\n")
 
     def checkpoint():
         save_checkpoint(checkpoint_path, Checkpoint(
@@ -144,10 +200,13 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
                    "class_names": dataset.class_names}))
 
     log(f"training {options.preset} network ({model.num_parameters():,} parameters) on {dataset.source}: "
-        f"{num_images} images, {steps_per_epoch} updates/epoch, {total_steps} updates, device {device}")
+        f"{num_images} images, {steps_per_epoch} updates/epoch, {total_steps} updates, device {device}"
+        + (f", {group.size} processes summing gradients by {group.transport}" if group is not None else ""))
     bar = _progress_bar(total_steps, step, progress)
     started, first_step, loss = time.perf_counter(), step, float("nan")
-    with _StopRequest() as stop, open(log_path, "a", newline="") as log_file:
+    # Ranks other than 0 write their log rows nowhere.
+    with (_StopRequest(agreed=group is not None) as stop,
+          open(log_path if writing else os.devnull, "a", newline="") as log_file):
         writer = csv.writer(log_file)
         while step < total_steps and not stop.requested:
             epoch, iteration = divmod(step, steps_per_epoch)
@@ -155,13 +214,18 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
             batch = order[iteration * options.batch_size:(iteration + 1) * options.batch_size]
             rng = step_rng(options.seed, step)
             t = sample_timesteps(rng, options.batch_size, options.num_steps)
-            noise = to_device(rng.standard_normal((options.batch_size, *images.shape[1:]), dtype=np.float32), xp)
+            noise = rng.standard_normal((options.batch_size, *images.shape[1:]), dtype=np.float32)
             labels = None
             if options.conditional:
                 dropped = rng.random(options.batch_size) < options.label_dropout
                 labels = np.where(dropped, model.null_label, dataset.labels[batch])
-            loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t, noise,
-                                    labels))
+            if group is None:
+                loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t,
+                                        to_device(noise, xp), labels))
+            else:
+                loss, stop.requested = data_parallel_step(
+                    group, model, optimizer, loss_fn, schedule, images[to_device(batch[rows], xp)], t[rows],
+                    to_device(noise[rows], xp), None if labels is None else labels[rows], stop.signalled)
             if ema is not None:
                 ema.update()
             step += 1
@@ -170,7 +234,7 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
             bar.update(1)
             bar.set_postfix(epoch=f"{epoch + 1}/{options.epochs}", loss=f"{loss:.4f}",
                             img_s=f"{(step - first_step) * options.batch_size / elapsed:.1f}")
-            if step % steps_per_epoch == 0 or step == total_steps:
+            if writing and (step % steps_per_epoch == 0 or step == total_steps):
                 log_file.flush()
                 checkpoint()
                 _save_loss_curve(log_path, out_dir / "loss.png")
@@ -183,7 +247,8 @@ def train(options, out_dir, device="cpu", resume=False, progress=True, log=print
         bar.close()
         if stop.requested:
             log_file.flush()
-            checkpoint()
+            if writing:
+                checkpoint()
             log(f"interrupted: checkpoint saved at update {step} in {checkpoint_path}; continue with --resume")
     seconds = time.perf_counter() - started
     return {"steps": step, "final_loss": loss, "seconds": seconds, "checkpoint": str(checkpoint_path),
