@@ -43,7 +43,7 @@ def main():
 @click.option("--data", type=click.Path(), default=None,
               help="Image folder (class subfolders allowed) or MNIST IDX file; default: built-in digits.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Force grayscale or RGB.")
-@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Passes over the data  [default: 50, or the resumed run's].")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--learning-rate", "--lr", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -70,8 +70,10 @@ def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, se
     from tinyddpm.train import TrainOptions, train as run_training
 
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise click.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+    if epochs is None and not resume:
+        epochs = TrainOptions.epochs
     options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                            seed=seed, data=data, channels=int(channels) if channels else None,
                            preview_every=preview_every, max_steps=max_steps, conditional=conditional,

@@ -40,7 +40,7 @@ class TrainOptions:
     """Everything that defines a training run; the defaults are the example's recipe."""
 
     preset: str = "example"
-    epochs: int = 50
+    epochs: int | None = 50  # None on resume: as many as the run was started with
     batch_size: int = 128
     learning_rate: float = 5e-4
     seed: int = 0
@@ -144,10 +144,9 @@ def _train(options, out_dir, device, resume, progress, log, group):
     resumed = None
     if resume:
         resumed = load_checkpoint(checkpoint_path)
-        saved = dict(resumed.train["options"])
-        saved["epochs"] = options.epochs if options.epochs != TrainOptions.epochs else saved["epochs"]
-        saved["max_steps"] = options.max_steps
-        options = TrainOptions(**saved)
+        # The run's own options, but this call's stopping point (epochs only if given).
+        saved = TrainOptions(**resumed.train["options"])
+        options = replace(saved, epochs=options.epochs or saved.epochs, max_steps=options.max_steps)
 
     dataset = load_dataset(options.data, channels=options.channels)
     config = preset(options.preset, channels=dataset.images.shape[-1])
