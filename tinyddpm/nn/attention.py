@@ -21,6 +21,7 @@ import numpy as np
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn.linear import Linear
 from tinyddpm.nn.module import Module
+from tinyddpm.nn.parallel import map_chunks
 
 
 def softmax(scores):
@@ -37,15 +38,21 @@ def batched_matmul(a, b):
 
     NumPy's stacked matmul does not hand transposed operands to BLAS and falls
     back to a slow loop; one 2-D product per matrix pair does use BLAS (which
-    reads transposed views as they are), and is 10-40x faster here. CuPy's
-    batched matmul is fine as it is.
+    reads transposed views as they are), and is 10-40x faster here; chunks of
+    the batch share these products out over the cores. CuPy's batched matmul is
+    fine as it is.
     """
     xp = get_array_module(a)
     if xp is not np:
         return xp.matmul(a, b)
     out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    for index in np.ndindex(*a.shape[:-2]):
-        np.matmul(a[index], b[index], out=out[index])
+
+    def chunk(start, stop):
+        for index in np.ndindex(stop - start, *a.shape[1:-2]):
+            index = (start + index[0], *index[1:])
+            np.matmul(a[index], b[index], out=out[index])
+
+    map_chunks(chunk, a.shape[0], np, rows_per_item=a.shape[-2])
     return out
 
 

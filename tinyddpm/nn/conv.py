@@ -10,6 +10,9 @@ Backward is two more products: ``dw = cols^T @ dout`` and, for the input,
 ``dcols = dout @ w^T`` followed by :func:`col2im`, which adds each row of
 ``dcols`` back onto the patch it came from (KH*KW strided adds). ``cols`` is 9x
 the input, so it is not cached: backward rebuilds it from the saved input.
+Every product runs chunk by chunk over the batch on all cores (``parallel.py``):
+each chunk pads, unfolds and multiplies its own images, so only a few MB of
+``cols`` exist at a time and they are still in cache when the product reads them.
 
 A stride-1 conv takes a faster road to its input gradient: it is the
 correlation of the (re-padded) output gradient with the spatially flipped
@@ -26,6 +29,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.parallel import map_chunks
 
 
 def same_padding(size, kernel, stride):
@@ -85,36 +89,54 @@ def weight_matrix(w):
     return w.transpose(2, 3, 1, 0).reshape(KH * KW * C, OC)
 
 
-def padded_columns(x, KH, KW, stride):
-    """``cols`` of ``x`` (N, H, W, C) under "same" padding; a 1x1 stride-1 conv needs no copy."""
+def columns(x, KH, KW, stride, padding):
+    """``cols`` of ``x`` (N, H, W, C) zero-padded by ``padding``; a 1x1 stride-1 conv needs no copy."""
     N, H, W, C = x.shape
-    if KH == KW == stride == 1:
+    if KH == KW == stride == 1 and padding == ((0, 0), (0, 0)):
         return x.reshape(N * H * W, C)
-    xpad = pad_hw(x, same_padding(H, KH, stride), same_padding(W, KW, stride))
-    return im2col(xpad, KH, KW, stride)
+    return im2col(pad_hw(x, *padding), KH, KW, stride)
 
 
-def correlate(x, w, stride):
-    """The conv without bias: ``x`` (N, H, W, C), ``w`` (OC, C, KH, KW) -> (N, OH, OW, OC)."""
+def correlate(x, w, stride, padding=None):
+    """The conv without bias: ``x`` (N, H, W, C), ``w`` (OC, C, KH, KW) -> (N, OH, OW, OC).
+
+    ``padding`` is ``((top, bottom), (left, right))``, MATLAB "same" if None.
+    Each chunk of the batch is padded, unfolded and multiplied on its own thread.
+    """
+    xp = get_array_module(x)
     N, H, W, _ = x.shape
     OC, _, KH, KW = w.shape
-    out = padded_columns(x, KH, KW, stride) @ weight_matrix(w)
-    return out.reshape(N, -(-H // stride), -(-W // stride), OC)
+    if padding is None:
+        padding = same_padding(H, KH, stride), same_padding(W, KW, stride)
+    OH = (H + sum(padding[0]) - KH) // stride + 1
+    OW = (W + sum(padding[1]) - KW) // stride + 1
+    w_matrix = xp.ascontiguousarray(weight_matrix(w))
+    out = xp.empty((N, OH, OW, OC), dtype=xp.result_type(x, w))
+
+    def chunk(start, stop):
+        cols = columns(x[start:stop], KH, KW, stride, padding)
+        xp.matmul(cols, w_matrix, out=out[start:stop].reshape(-1, OC))
+
+    map_chunks(chunk, N, xp, rows_per_item=OH * OW)
+    return out
 
 
 def correlate_weight_grad(x, dout, KH, KW, stride):
-    """``dw`` (OC, C, KH, KW) of :func:`correlate` from its input and output gradient."""
-    C, OC = x.shape[-1], dout.shape[-1]
-    dw = padded_columns(x, KH, KW, stride).T @ dout.reshape(-1, OC)
+    """``dw`` (OC, C, KH, KW) of :func:`correlate` from its input and output gradient.
+
+    The sum over the batch is split into chunks: one partial ``dw`` per chunk, added up.
+    """
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    _, OH, OW, OC = dout.shape
+    padding = same_padding(H, KH, stride), same_padding(W, KW, stride)
+
+    def chunk(start, stop):
+        cols = columns(x[start:stop], KH, KW, stride, padding)
+        return cols.T @ dout[start:stop].reshape(-1, OC)
+
+    dw = sum(map_chunks(chunk, N, xp, rows_per_item=OH * OW))
     return dw.reshape(KH, KW, C, OC).transpose(3, 2, 0, 1)
-
-
-def correlate_valid(xpad, w):
-    """Stride-1 correlation of an already padded ``xpad`` with ``w``, no further padding."""
-    N, Hp, Wp, _ = xpad.shape
-    OC, _, KH, KW = w.shape
-    out = im2col(xpad, KH, KW, 1) @ weight_matrix(w)
-    return out.reshape(N, Hp - KH + 1, Wp - KW + 1, OC)
 
 
 def correlate_input_grad(dout, w, x_shape, stride):
@@ -127,10 +149,18 @@ def correlate_input_grad(dout, w, x_shape, stride):
         # dx[i, j] = sum_ab dout[i + pad - a, j + pad - b] w[a, b]: a correlation with the
         # flipped kernel, over dout padded by the mirror image of the forward padding.
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, OC, KH, KW)
-        return correlate_valid(pad_hw(dout, pad_h[::-1], pad_w[::-1]), flipped)
-    dcols = dout.reshape(-1, OC) @ weight_matrix(w).T
-    dxpad = col2im(dcols, (N, H + sum(pad_h), W + sum(pad_w), C), KH, KW, stride)
-    return xp.ascontiguousarray(dxpad[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W])
+        return correlate(dout, flipped, 1, (pad_h[::-1], pad_w[::-1]))
+    w_matrix_t = xp.ascontiguousarray(weight_matrix(w).T)
+    padded_shape = (H + sum(pad_h), W + sum(pad_w), C)
+    dx = xp.empty(x_shape, dtype=xp.result_type(dout, w))
+
+    def chunk(start, stop):
+        dcols = dout[start:stop].reshape(-1, OC) @ w_matrix_t
+        dxpad = col2im(dcols, (stop - start, *padded_shape), KH, KW, stride)
+        dx[start:stop] = dxpad[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W]
+
+    map_chunks(chunk, N, xp, rows_per_item=dout.shape[1] * dout.shape[2])
+    return dx
 
 
 def conv2d_forward(x, w, b, stride=1):

@@ -21,6 +21,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.parallel import map_chunks
 
 
 def _group_mean(channel_sums, G, count):
@@ -39,34 +40,52 @@ def _channel_dot(a, b):
 def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     """Normalise ``x`` (N, ..., C) in G groups, then scale by ``gamma`` and shift by ``beta``.
 
-    Returns ``(out, cache)``.
+    Returns ``(out, cache)``. Samples are independent, so chunks of the batch run on all cores.
     """
     xp = get_array_module(x)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    count = x3.shape[1] * (C // G)
-    xhat = x3 - _group_mean(x3.sum(axis=1), G, count)
-    inv_std = 1.0 / xp.sqrt(_group_mean(_channel_dot(xhat, xhat), G, count) + eps)
-    xhat *= inv_std
-    out = xhat * gamma
-    out += beta
+    L = x3.shape[1]
+    count = L * (C // G)
+    xhat, out = xp.empty_like(x3, order="C"), xp.empty_like(x3, order="C")
+    inv_std = xp.empty((N, 1, C), dtype=x.dtype)
+
+    def chunk(start, stop):
+        x_c, xhat_c, inv_std_c, out_c = x3[start:stop], xhat[start:stop], inv_std[start:stop], out[start:stop]
+        xp.subtract(x_c, _group_mean(x_c.sum(axis=1), G, count), out=xhat_c)
+        xp.sqrt(_group_mean(_channel_dot(xhat_c, xhat_c), G, count) + eps, out=inv_std_c)
+        xp.divide(1.0, inv_std_c, out=inv_std_c)
+        xhat_c *= inv_std_c
+        xp.multiply(xhat_c, gamma, out=out_c)
+        out_c += beta
+
+    map_chunks(chunk, N, xp, rows_per_item=L)
     return out.reshape(x.shape), (xhat, inv_std, gamma, G)
 
 
 def group_norm_backward(dout, cache):
     """Gradients ``(dx, dgamma, dbeta)`` of :func:`group_norm_forward`."""
     xhat, inv_std, gamma, G = cache
+    xp = get_array_module(xhat)
+    N, L, C = xhat.shape
     dout3 = dout.reshape(xhat.shape)
-    count = xhat.shape[1] * (xhat.shape[2] // G)
-    sum_dout = dout3.sum(axis=1)  # (N, C)
-    sum_dout_xhat = _channel_dot(dout3, xhat)  # (N, C)
-    dbeta = sum_dout.sum(axis=0)
-    dgamma = sum_dout_xhat.sum(axis=0)
-    mean_dxhat = _group_mean(sum_dout * gamma, G, count)
-    mean_dxhat_xhat = _group_mean(sum_dout_xhat * gamma, G, count)
-    dx = dout3 * (gamma * inv_std)
-    dx -= xhat * (mean_dxhat_xhat * inv_std)
-    dx -= mean_dxhat * inv_std
+    count = L * (C // G)
+    dx = xp.empty_like(xhat)
+
+    def chunk(start, stop):
+        dout_c, xhat_c, inv_std_c, dx_c = dout3[start:stop], xhat[start:stop], inv_std[start:stop], dx[start:stop]
+        sum_dout = dout_c.sum(axis=1)  # (n, C)
+        sum_dout_xhat = _channel_dot(dout_c, xhat_c)  # (n, C)
+        mean_dxhat = _group_mean(sum_dout * gamma, G, count)
+        mean_dxhat_xhat = _group_mean(sum_dout_xhat * gamma, G, count)
+        xp.multiply(dout_c, gamma * inv_std_c, out=dx_c)
+        dx_c -= xhat_c * (mean_dxhat_xhat * inv_std_c)
+        dx_c -= mean_dxhat * inv_std_c
+        return sum_dout_xhat.sum(axis=0), sum_dout.sum(axis=0)  # this chunk's dgamma, dbeta
+
+    partials = map_chunks(chunk, N, xp, rows_per_item=L)
+    dgamma = sum(dgamma for dgamma, _ in partials)
+    dbeta = sum(dbeta for _, dbeta in partials)
     return dx.reshape(dout.shape), dgamma, dbeta
 
 

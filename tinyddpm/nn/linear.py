@@ -6,27 +6,45 @@ Shapes: input ``x`` (..., in) with any leading dims, weight ``W`` (out, in)
 
 import numpy as np
 
+from tinyddpm.backend import get_array_module
 from tinyddpm.nn.conv import glorot_uniform
 from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.parallel import map_chunks
 
 
 def linear_forward(x, w, b):
-    """``x`` (..., in) -> ``(x @ w.T + b, cache)``, as one matrix product over all rows."""
+    """``x`` (..., in) -> ``(x @ w.T + b, cache)``, as one matrix product over all rows.
+
+    Long inputs (the pixels of an attention block) are split into chunks of rows on all cores.
+    """
+    xp = get_array_module(x)
     out_features, in_features = w.shape
-    out = x.reshape(-1, in_features) @ w.T
-    out += b
+    x2d = x.reshape(-1, in_features)
+    out = xp.empty((x2d.shape[0], out_features), dtype=xp.result_type(x, w))
+
+    def chunk(start, stop):
+        xp.matmul(x2d[start:stop], w.T, out=out[start:stop])
+        out[start:stop] += b
+
+    map_chunks(chunk, x2d.shape[0], xp)
     return out.reshape(*x.shape[:-1], out_features), (x, w)
 
 
 def linear_backward(dout, cache):
-    """Gradients ``(dx, dw, db)`` of :func:`linear_forward`."""
+    """Gradients ``(dx, dw, db)`` of :func:`linear_forward`; ``dw`` is summed over chunks of rows."""
     x, w = cache
+    xp = get_array_module(x)
     out_features, in_features = w.shape
-    dout2d = dout.reshape(-1, out_features)
-    dw = dout2d.T @ x.reshape(-1, in_features)
+    dout2d, x2d = dout.reshape(-1, out_features), x.reshape(-1, in_features)
+    dx = xp.empty(x2d.shape, dtype=xp.result_type(dout, w))
+
+    def chunk(start, stop):
+        xp.matmul(dout2d[start:stop], w, out=dx[start:stop])
+        return dout2d[start:stop].T @ x2d[start:stop]
+
+    dw = sum(map_chunks(chunk, x2d.shape[0], xp))
     db = dout2d.sum(axis=0)
-    dx = (dout2d @ w).reshape(x.shape)
-    return dx, dw, db
+    return dx.reshape(x.shape), dw, db
 
 
 class Linear(Module):

@@ -1,0 +1,58 @@
+"""The chunked, threaded path gives the same layers as one whole-batch call."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tinyddpm.nn import Swish, parallel
+from tinyddpm.nn.conv import conv2d_backward, conv2d_forward
+from tinyddpm.nn.conv_transpose import (
+    conv_transpose2d_backward,
+    conv_transpose2d_forward,
+)
+from tinyddpm.nn.group_norm import group_norm_backward, group_norm_forward
+
+
+@pytest.mark.parametrize("n, rows", [(1, 1), (7, 1), (32, 1024), (32, 64), (16, 64), (5, 100000)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_bounds_cover_the_range_in_order(monkeypatch, n, rows, threads):
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    bounds = parallel.chunk_bounds(n, rows)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(bounds))
+    assert all(stop > start for start, stop in bounds)
+
+
+def test_map_chunks_returns_results_in_order(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    out = parallel.map_chunks(lambda start, stop: list(range(start, stop)), 1000, np, min_rows=1)
+    assert len(out) > 1
+    assert list(itertools.chain(*out)) == list(range(1000))
+
+
+def run_layers(rng):
+    """Forward and backward of every chunked layer, in float64, on a batch of 6."""
+    x = rng.standard_normal((6, 16, 16, 8))
+    results = []
+    for kernel, stride in ((3, 1), (3, 2), (1, 1)):
+        w, b = rng.standard_normal((5, 8, kernel, kernel)), rng.standard_normal(5)
+        out, cache = conv2d_forward(x, w, b, stride)
+        results += [out, *conv2d_backward(rng.standard_normal(out.shape), cache)]
+    w, b = rng.standard_normal((8, 5, 3, 3)), rng.standard_normal(5)
+    out, cache = conv_transpose2d_forward(x, w, b)
+    results += [out, *conv_transpose2d_backward(rng.standard_normal(out.shape), cache)]
+    out, cache = group_norm_forward(x, rng.standard_normal(8), rng.standard_normal(8), G=4)
+    results += [out, *group_norm_backward(rng.standard_normal(out.shape), cache)]
+    swish, y = Swish(), rng.standard_normal((6, 16, 16, 64))  # enough numbers for several chunks
+    results += [swish(y), swish.backward(rng.standard_normal(y.shape))]
+    return results
+
+
+def test_threaded_layers_match_one_whole_batch_call(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    whole = run_layers(np.random.default_rng(0))
+    monkeypatch.setattr(parallel, "THREADS", 3)  # every layer now splits its batch (or elements)
+    chunked = run_layers(np.random.default_rng(0))
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,82 @@
+"""Run a layer's work on all CPU cores by splitting it into chunks of the batch.
+
+NumPy does element-wise work and copies on one core, and OpenBLAS spreads the
+skinny products of im2col (tens of thousands of rows, 64-256 columns) poorly
+over its threads. So the layers split their batch into chunks and hand the
+chunks to a small persistent pool of threads; NumPy releases the GIL inside
+ufuncs, copies and BLAS calls, so the chunks run side by side. Each chunk writes
+straight into its slice of a preallocated output (or returns a partial sum, such
+as a weight gradient, that the caller adds up).
+
+Chunks hold a few thousand rows rather than one per thread: a chunk's im2col
+copy then stays in cache for the product that reads it, and a thread slowed down
+by another process on the machine just takes fewer chunks.
+
+While chunks run, BLAS is held to one thread, as the parallelism comes from the
+chunks. The limit is set around each call (some microseconds) rather than for
+the process, so that products made outside a parallel call keep all BLAS threads.
+
+On CuPy (the GPU runs a whole batch at once) and with one thread, ``fn`` is
+simply called once on the whole range. The thread count is ``os.cpu_count()``
+unless the environment variable ``TINYDDPM_THREADS`` says otherwise.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from tinyddpm.backend import get_array_module
+
+THREADS = int(os.environ.get("TINYDDPM_THREADS") or os.cpu_count() or 1)
+CHUNKS_PER_THREAD = 4  # spare chunks for a thread that gets ahead while another is held up
+CHUNK_ROWS = 4096  # rows (pixels) of a chunk at most: an im2col chunk of a few MB stays in cache
+MIN_ROWS = 256  # and at least, or handing out the chunk costs more than it saves
+ELEMENT_CHUNK_ROWS = 1 << 16  # the same bounds for element-wise work, where a row is one number
+ELEMENT_MIN_ROWS = 1 << 14
+
+_pool = None
+_blas = None
+
+
+def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
+    """``(start, stop)`` pairs covering ``range(n)``, items of ``rows_per_item`` rows.
+
+    Chunks are at most ``chunk_rows`` rows, but small enough to give every thread
+    ``CHUNKS_PER_THREAD`` of them, and at least ``min_rows`` rows (or one item).
+    """
+    per_chunk = min(chunk_rows // rows_per_item, -(-n // (CHUNKS_PER_THREAD * THREADS)))
+    per_chunk = max(per_chunk, -(-min_rows // rows_per_item), 1)
+    return [(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
+
+
+def map_chunks(fn, n, xp, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
+    """``[fn(start, stop) for each chunk]`` of ``range(n)``, run on the thread pool.
+
+    ``n`` items of ``rows_per_item`` rows each (a batch of images of H*W pixels)
+    are split by :func:`chunk_bounds`. ``fn`` must only write its own chunk of any
+    shared output, and must not call ``map_chunks`` itself.
+    """
+    global _pool, _blas
+    bounds = chunk_bounds(n, rows_per_item, chunk_rows, min_rows)
+    if xp is not np or THREADS == 1 or len(bounds) == 1:
+        return [fn(0, n)]
+    if _pool is None:
+        from threadpoolctl import ThreadpoolController
+
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinyddpm")
+        _blas = ThreadpoolController().select(user_api="blas")
+    with _blas.limit(limits=1):
+        futures = [_pool.submit(fn, start, stop) for start, stop in bounds]
+        return [future.result() for future in futures]
+
+
+def map_elementwise(fn, *arrays):
+    """``fn(*chunks)`` over matching chunks of the flattened ``arrays`` (all the same size).
+
+    Arrays written by ``fn`` must be contiguous, so that their flat chunks are views.
+    """
+    xp = get_array_module(*arrays)
+    flat = [a.reshape(-1) for a in arrays]
+    map_chunks(lambda start, stop: fn(*(a[start:stop] for a in flat)), flat[0].size, xp,
+               chunk_rows=ELEMENT_CHUNK_ROWS, min_rows=ELEMENT_MIN_ROWS)
