@@ -154,9 +154,13 @@ BENCHES = {"tinyddpm": TinyddpmBench, "torch": TorchBench}
 
 
 def limit_threads(n, uses_torch):
-    """The same thread count for every BLAS/OpenMP pool in the process and for torch's own pool."""
+    """The same thread count for every BLAS/OpenMP pool in the process, for torch's own pool,
+    and for tinyddpm's chunk pool (which holds BLAS to one thread inside its chunks)."""
     from threadpoolctl import threadpool_limits
 
+    from tinyddpm.nn import parallel
+
+    parallel.THREADS = n
     if uses_torch:
         import torch
 
