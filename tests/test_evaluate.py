@@ -42,3 +42,16 @@ def test_score_images_reports_every_score():
     assert 0.0 <= scores["requested_class_rate"] <= 1.0
     with pytest.raises(ValueError, match="held-out"):
         score_images(classifier, real[:40], real[40:])
+
+
+def test_held_out_prefixes_hold_every_class():
+    from tinyddpm.classifier import HELD_OUT_SEED
+    from tinyddpm.datasets import load_dataset
+    from tinyddpm.evaluate import held_out_real_images
+
+    images = held_out_real_images()
+    data = load_dataset(seed=HELD_OUT_SEED)
+    order = np.random.default_rng(HELD_OUT_SEED).permutation(len(images))
+    counts = np.bincount(data.labels[order][:200], minlength=10)
+    assert counts.min() >= 8  # about 20 of each class in the first 200
+    np.testing.assert_array_equal(images[:5], data.images[order[:5]])

@@ -20,7 +20,7 @@ from tinyddpm.checkpoint import atomic_write
 from tinyddpm.nn import Conv2d, GlobalAvgPool, GroupNorm, Linear, Module, SoftmaxCrossEntropy, Swish, no_grad
 from tinyddpm.optim import Adam
 
-CLASSIFIER_VERSION = 1
+CLASSIFIER_VERSION = 2
 TRAIN_SEED, HELD_OUT_SEED = 0, 1  # the digits seeds of the training and held-out sets
 
 
@@ -73,7 +73,7 @@ def predict(classifier, images, batch_size=500):
     return np.concatenate(features), np.concatenate(probs)
 
 
-def train_classifier(images, labels, xp=np, epochs=4, batch_size=128, lr=1e-3, seed=0, log=None):
+def train_classifier(images, labels, xp=np, epochs=6, batch_size=128, lr=3e-3, seed=0, log=None):
     """Train a :class:`DigitClassifier` on (N, 32, 32, C) images in [-1, 1]."""
     rng = np.random.default_rng(seed)
     classifier = DigitClassifier(images.shape[-1], int(labels.max()) + 1, rng=rng).to(xp)

@@ -54,7 +54,10 @@ def score_images(classifier, generated, real, requested=None):
 
 
 def held_out_real_images():
-    """The held-out real digits (another seed of the built-in generator), (N, 32, 32, 1)."""
+    """The held-out real digits (another seed of the built-in generator), (N, 32, 32, 1),
+    in a fixed shuffled order: the set is stored class by class, and every prefix the
+    scores take must hold all classes alike."""
     from tinyddpm.datasets import load_dataset
 
-    return load_dataset(seed=HELD_OUT_SEED).images
+    images = load_dataset(seed=HELD_OUT_SEED).images
+    return images[np.random.default_rng(HELD_OUT_SEED).permutation(len(images))]
