@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from tinyddpm.backend import gpu_unavailable_reason
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.cli import main
 from tinyddpm.diffusion import linear_schedule
-from tinyddpm.digits import make_digits
 from tinyddpm.distributed import DistributedError, ProcessGroup
 from tinyddpm.nn import MSELoss
 from tinyddpm.train import TrainOptions, _loss_and_gradients, train
@@ -61,17 +59,6 @@ def find_mpiexec():
 def launch(ranks, script, *args, timeout=120):
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-c", script, "train", *map(str, args)]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory):
-    """96 built-in digits written as a class-folder tree."""
-    root = tmp_path_factory.mktemp("digits")
-    images, labels = make_digits(seed=0, per_class=10)
-    for i, (image, label) in enumerate(zip(images[:96], labels[:96])):
-        (root / str(label)).mkdir(exist_ok=True)
-        Image.fromarray(image).save(root / str(label) / f"{i}.png")
-    return str(root)
 
 
 def cli_args(folder, out, *extra, batch_size=16):

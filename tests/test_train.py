@@ -1,23 +1,9 @@
 """Training on the tiny preset: the loss falls, files appear, and resume is exact."""
 
 import numpy as np
-import pytest
-from PIL import Image
 
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.digits import make_digits
 from tinyddpm.train import TrainOptions, train
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory):
-    """96 built-in digits written as a class-folder tree, like DigitsData."""
-    root = tmp_path_factory.mktemp("digits")
-    images, labels = make_digits(seed=0, per_class=10)
-    for i, (image, label) in enumerate(zip(images[:96], labels[:96])):
-        (root / str(label)).mkdir(exist_ok=True)
-        Image.fromarray(image).save(root / str(label) / f"{i}.png")
-    return str(root)
 
 
 def options(folder, **kw):
