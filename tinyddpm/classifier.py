@@ -11,7 +11,6 @@ x (N, 32, 32, C) in [-1, 1] -> logits (N, K); ``features`` (N, 128).
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 

@@ -25,6 +25,16 @@ def _one_line_errors(command):
     return wrapper
 
 
+def _load_for_sampling(checkpoint, weights, xp):
+    """The checkpoint's network on ``xp``, the schedule it was trained with, and its training info."""
+    from tinyddpm.checkpoint import load_model
+    from tinyddpm.diffusion import linear_schedule
+
+    model, train_info = load_model(checkpoint, weights)
+    schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
+    return model.to(xp), schedule, train_info
+
+
 device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
                              help="cpu (NumPy) or gpu (CuPy).")
 
@@ -115,15 +125,12 @@ def sample(checkpoint, num_images, sampler, steps, eta, label, guidance, weights
            device):
     """Generate images (the example's ancestral sampler by default)."""
     from tinyddpm.backend import array_module
-    from tinyddpm.checkpoint import load_model
-    from tinyddpm.diffusion import linear_schedule
     from tinyddpm.images import make_grid, save_gif, save_grid
     from tinyddpm.sampling import sample as run_sampler
 
     if num_images < 1:
         raise click.BadParameter(f"must be at least 1, got {num_images}", param_hint="--num-images")
-    xp = array_module(device)
-    model, train_info = load_model(checkpoint, weights)
+    model, schedule, train_info = _load_for_sampling(checkpoint, weights, array_module(device))
     labels = None
     if label is not None:
         class_names = train_info.get("class_names") or []
@@ -133,8 +140,6 @@ def sample(checkpoint, num_images, sampler, steps, eta, label, guidance, weights
             raise click.BadParameter(f"{label!r} is not one of the model's classes {class_names}",
                                      param_hint="--digit")
         labels = np.full(num_images, class_names.index(label))
-    model.to(xp)
-    schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
     try:
         images, snapshots = run_sampler(model, schedule, np.random.default_rng(seed), num_images, sampler,
                                         steps=steps, eta=eta, labels=labels, guidance=guidance,
@@ -221,22 +226,18 @@ def evaluate(checkpoint, num_images, sampler, steps, eta, guidance, weights, see
     import json
 
     from tinyddpm.backend import array_module
-    from tinyddpm.checkpoint import load_model
     from tinyddpm.classifier import load_or_train_classifier
-    from tinyddpm.diffusion import linear_schedule
     from tinyddpm.evaluate import held_out_real_images, score_images
     from tinyddpm.sampling import sample as run_sampler
 
     xp = array_module(device)
+    model, schedule, _ = _load_for_sampling(checkpoint, weights, xp)  # fails fast on a bad checkpoint
     classifier, info = load_or_train_classifier(xp, log=click.echo)
     click.echo(f"classifier held-out accuracy {info['held_out_accuracy']:.4f}")
     real = held_out_real_images()
     if not 1 < num_images <= len(real) // 2:
         raise click.BadParameter(f"must be in 2..{len(real) // 2}, got {num_images}", param_hint="--num-images")
-    model, train_info = load_model(checkpoint, weights)
-    model.to(xp)
     labels = np.arange(num_images) % model.config.num_classes if model.config.num_classes else None
-    schedule = linear_schedule(train_info.get("options", {}).get("num_steps", 500))
     rng, chunks = np.random.default_rng(seed), []
     for start in range(0, num_images, 250):  # bounded memory: sample 250 at a time
         count = min(250, num_images - start)
