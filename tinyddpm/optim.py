@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from tinyddpm.backend import get_array_module, to_device, to_host
+from tinyddpm.nn import fused
 
 
 class Adam:
@@ -41,6 +42,9 @@ class Adam:
         for name, param in self.params.items():
             xp = get_array_module(param.data)
             g, m, v = param.grad, self.m[name], self.v[name]
+            if xp is not np:  # one fused kernel per parameter
+                fused.adam_update(param.data, g, m, v, self.beta1, self.beta2, step_size, eps_hat)
+                continue
             m *= self.beta1
             m += (1.0 - self.beta1) * g
             v *= self.beta2

@@ -4,11 +4,18 @@ Shapes: any; the output has the shape of the input.
 
 The sigmoid is computed as ``0.5 * tanh(x / 2) + 0.5``, which equals
 ``1 / (1 + exp(-x))`` but cannot overflow for large negative ``x``.
-With ``s = sigmoid(x)`` the derivative is ``s * (1 + x * (1 - s))``.
-Both directions run in place, chunk by chunk on all cores (see ``parallel.py``).
+With ``s = sigmoid(x)`` the derivative is ``s * (1 + x * (1 - s))``, which is
+``s + out * (1 - s)``: backward needs ``s`` and the output only. The output is
+also what the next layer keeps for its own backward, so saving it costs no
+memory, and the input can be freed (one activation fewer per Swish).
+Both directions run in place, chunk by chunk on all cores (see ``parallel.py``), or
+as one fused kernel each on the GPU (``fused.py``).
 """
 
+import numpy as np
+
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn import fused
 from tinyddpm.nn.module import Module
 from tinyddpm.nn.parallel import map_elementwise
 
@@ -28,6 +35,10 @@ class Swish(Module):
 
     def forward(self, x):
         xp = get_array_module(x)
+        if xp is not np:
+            s, out = fused.swish_forward(x)
+            self.save_for_backward(s, out)
+            return out
         s, out = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
 
         def chunk(x, s, out):
@@ -35,20 +46,21 @@ class Swish(Module):
             xp.multiply(x, s, out=out)
 
         map_elementwise(chunk, x, s, out)
-        self.save_for_backward(x, s)
+        self.save_for_backward(s, out)
         return out
 
     def backward(self, dout):
-        x, s = self.saved()
-        xp = get_array_module(x)
+        s, out = self.saved()
+        xp = get_array_module(s)
+        if xp is not np:
+            return fused.swish_backward(s, out, dout)
         grad = xp.empty_like(s)
 
-        def chunk(x, s, dout, grad):
+        def chunk(s, out, dout, grad):
             xp.subtract(1.0, s, out=grad)
-            grad *= x
-            grad += 1.0
-            grad *= s
+            grad *= out
+            grad += s
             grad *= dout
 
-        map_elementwise(chunk, x, s, dout, grad)
+        map_elementwise(chunk, s, out, dout, grad)
         return grad

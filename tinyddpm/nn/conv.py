@@ -28,6 +28,7 @@ So 3x3 stride 1 pads 1 on every side, 1x1 pads nothing, and 3x3 stride 2 pads
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn import fused
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks
 
@@ -177,7 +178,8 @@ def conv2d_backward(dout, cache, needs_input_grad=True):
     """Gradients ``(dx, dw, db)`` of :func:`conv2d_forward`; ``dx`` is None if not needed."""
     x, w, stride = cache
     OC, _, KH, KW = w.shape
-    db = dout.reshape(-1, OC).sum(axis=0)
+    dout2d = dout.reshape(-1, OC)
+    db = dout2d.sum(axis=0) if get_array_module(dout) is np else fused.sum_rows(dout2d)
     dw = correlate_weight_grad(x, dout, KH, KW, stride)
     dx = correlate_input_grad(dout, w, x.shape, stride) if needs_input_grad else None
     return dx, dw, db
