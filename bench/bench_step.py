@@ -1,7 +1,7 @@
 """tinyddpm next to the PyTorch reference: the example's network, the same work, the same threads.
 
     python -m bench.bench_step [--device cpu|gpu] [--repeats N] [--batch B] [--threads N]
-                               [--out bench/results/NAME.json]
+                               [--allocator default|tuned] [--out bench/results/NAME.json]
 
 Rows (the example network, float32):
 
@@ -31,7 +31,12 @@ for CuPy the peak of the bytes handed out by its memory pool (tracked with a mem
 the pool's final size; for PyTorch ``torch.cuda.max_memory_allocated()`` and
 ``max_memory_reserved()``.
 
-The JSON (``--out``, default ``bench/results/bench_step_<device>.json``) holds every raw time,
+Allocator. ``--allocator tuned`` runs the whole benchmark (both implementations, and the memory
+subprocesses) under ``GLIBC_TUNABLES`` that keep freed memory in the process instead of
+unmapping it; with glibc's defaults every large array is a fresh mmap whose pages fault in on
+first touch. Run it both ways to compare each library with and without that cost.
+
+The JSON (``--out``, default ``bench/results/bench_step_<device>[_tuned_malloc].json``) holds every raw time,
 the ratios, and the environment: CPU model, threads, library versions, the BLAS that
 threadpoolctl finds (internal_api, version, architecture), and the variables that change
 allocator or BLAS behaviour (GLIBC_TUNABLES, OPENBLAS_CORETYPE, MALLOC_*).
@@ -57,6 +62,11 @@ IMPLEMENTATIONS = ("tinyddpm", "torch")
 # ---------------------------------------------------------------------------------------------
 # The two implementations behind one small interface
 # ---------------------------------------------------------------------------------------------
+
+
+# glibc's mmap threshold and trim threshold set so that freed blocks are kept for reuse
+# rather than returned to the kernel and faulted in again (the issue's "tuned allocator").
+TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def make_batch(batch, seed=0):
@@ -182,13 +192,16 @@ def gpu_skip_reason():
     return None
 
 
-def setup_gpu():
-    """Plain float32 arithmetic on both sides: CuPy does not use TF32 unless CUPY_TF32=1, so
-    neither may torch (its convolutions would by default)."""
+def setup_gpu(tf32=False):
+    """The same arithmetic on both sides: plain float32 by default (CuPy does not use TF32
+    unless CUPY_TF32=1, so neither may torch, whose convolutions would by default), or TF32
+    tensor-core products on both with ``--tf32``."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if tf32:
+        os.environ["CUPY_TF32"] = "1"  # read by CuPy at its first float32 product
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def cpu_model():
@@ -403,7 +416,7 @@ def run(args):
         if reason is not None:
             print(f"bench_step: skipping the GPU benchmark: {reason}", file=sys.stderr)
             return 0
-        setup_gpu()
+        setup_gpu(args.tf32)
     limit_threads(threads, uses_torch=True)
     env = environment(device, threads)
     print(f"bench_step: example network, float32, device {device}, batch {batch}, "
@@ -418,6 +431,7 @@ def run(args):
         f"sample step, batch {batch}": lambda b: (lambda: b.sample_step(batch)),
     }
     result = {"config": {"device": device, "batch": batch, "repeats": repeats, "threads": threads,
+                         "allocator": args.allocator, "tf32": args.tf32,
                          "sample_step_t": SAMPLE_STEP, "network": "example", "dtype": "float32"},
               "environment": env, "rows": {}}
     for label, make_fn in rows.items():  # (at --batch 16 the two sample rows are one)
@@ -442,7 +456,8 @@ def run(args):
 
     result["environment"]["loadavg_at_end"] = os.getloadavg()
     print_table(result)
-    out = Path(args.out or f"bench/results/bench_step_{device}.json")
+    suffix = ("_tuned_malloc" if args.allocator == "tuned" else "") + ("_tf32" if args.tf32 else "")
+    out = Path(args.out or f"bench/results/bench_step_{device}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
@@ -459,8 +474,18 @@ def main(argv=None):
                         help="threads for both implementations (default: os.cpu_count())")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory row")
     parser.add_argument("--out", help="JSON path (default bench/results/bench_step_<device>.json)")
+    parser.add_argument("--allocator", choices=("default", "tuned"), default="default",
+                        help="glibc malloc as it comes, or tuned to keep freed memory (GLIBC_TUNABLES="
+                             f"{TUNED_MALLOC}) for both implementations")
+    parser.add_argument("--tf32", action="store_true",
+                        help="GPU: TF32 tensor-core matrix products in both implementations")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.allocator == "tuned" and os.environ.get("GLIBC_TUNABLES") != TUNED_MALLOC:
+        # glibc reads its tunables at start-up only: run again under them.
+        env = {**os.environ, "GLIBC_TUNABLES": TUNED_MALLOC}
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "bench.bench_step", *argv], env)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.device, args.batch, args.threads)))
         return 0

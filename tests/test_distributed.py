@@ -4,6 +4,7 @@ The tests that launch ``mpiexec -n 2`` need the ``distributed`` extra (mpi4py
 and the mpich wheel) and are skipped, with the reason, without it.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def find_mpiexec():
 
 def launch(ranks, script, *args, timeout=120):
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-c", script, "train", *map(str, args)]
-    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
+    # Open MPI refuses to start as root (containers, CI) unless told twice; MPICH ignores these.
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def cli_args(folder, out, *extra, batch_size=16):

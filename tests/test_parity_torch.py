@@ -29,6 +29,7 @@ from bench.torch_reference import (
     seeded_state,
 )
 from bench.torch_reference import train_step as reference_train_step
+from tinyddpm.backend import to_device, to_host
 from tinyddpm.diffusion import linear_schedule
 from tinyddpm.nn import Conv2d, GroupNorm, MSELoss, Parameter, no_grad
 from tinyddpm.optim import Adam
@@ -60,8 +61,9 @@ def rel_err(a, b, scale=None):
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) if scale is None else scale))
 
 
-def make_pair(name, dtype, seed=1000):
-    """tinyddpm's and the reference's network of preset ``name`` with the same seeded weights."""
+def make_pair(name, dtype, seed=1000, xp=np):
+    """tinyddpm's (on the device of ``xp``) and the reference's network of preset ``name``,
+    with the same seeded weights."""
     config = preset(name)
     reference = ReferenceUNet(config.channels, config.widths, config.emb_dim,
                               config.sinusoid_dim, config.groups)
@@ -69,7 +71,7 @@ def make_pair(name, dtype, seed=1000):
     load_numpy_state(reference, state)
     model = UNet(config, rng=np.random.default_rng(0), dtype=dtype)
     model.load_state_dict(state)
-    return model, reference
+    return model.to(xp), reference
 
 
 def make_inputs(config, batch, dtype, seed):
@@ -94,7 +96,7 @@ def gradient_errors(grads, reference_grads):
     return errors
 
 
-def parity_errors(model, reference, x, t, target, loss="projection"):
+def parity_errors(model, reference, x, t, target, loss="projection", xp=np):
     """One forward and backward through both networks; relative error of the output and of every
     parameter gradient, keyed ``"out"`` and by parameter name (plus ``"loss"`` for the MSE).
 
@@ -102,22 +104,22 @@ def parity_errors(model, reference, x, t, target, loss="projection"):
     ``loss="mse"`` the example's loss against ``target`` as the true noise.
     """
     model.zero_grad()
-    out = model(x, t)
+    out = to_host(model(to_device(x, xp), t))
     reference.zero_grad(set_to_none=True)
     reference_out = reference(nchw(x), torch.from_numpy(t))
     errors = {"out": rel_err(out, nhwc(reference_out))}
     if loss == "projection":
-        model.backward(target)
+        model.backward(to_device(target, xp))
         reference_out.backward(nchw(target))
     else:
         loss_fn = MSELoss()
-        value = loss_fn(out, target)
+        value = loss_fn(to_device(out, xp), to_device(target, xp))
         reference_value = mse_loss(reference_out, nchw(target))
         errors["loss"] = rel_err(value, reference_value.item())
         model.backward(loss_fn.backward())
         reference_value.backward()
     reference_grads = {n: p.grad.numpy() for n, p in reference.named_parameters()}
-    grads = {n: p.grad for n, p in model.parameters().items()}
+    grads = {n: to_host(p.grad) for n, p in model.parameters().items()}
     assert list(grads) == list(reference_grads)  # same names, same order
     errors.update(gradient_errors(grads, reference_grads))
     return errors
@@ -134,23 +136,23 @@ def assert_within(errors, tol):
 
 
 @pytest.mark.parametrize("loss", ["projection", "mse"])
-def test_tiny_network_float64(loss):
-    model, reference = make_pair("tiny", np.float64)
+def test_tiny_network_float64(xp, loss):
+    model, reference = make_pair("tiny", np.float64, xp=xp)
     x, t, target = make_inputs(model.config, 3, np.float64, seed=1)
-    assert_within(parity_errors(model, reference, x, t, target, loss), F64_TOL)
+    assert_within(parity_errors(model, reference, x, t, target, loss, xp=xp), F64_TOL)
 
 
-def test_example_network_float64():
-    model, reference = make_pair("example", np.float64)
+def test_example_network_float64(xp):
+    model, reference = make_pair("example", np.float64, xp=xp)
     assert model.num_parameters() == 12_980_033
     x, t, target = make_inputs(model.config, 2, np.float64, seed=2)
-    assert_within(parity_errors(model, reference, x, t, target), F64_TOL)
+    assert_within(parity_errors(model, reference, x, t, target, xp=xp), F64_TOL)
 
 
-def test_example_network_float32():
-    model, reference = make_pair("example", np.float32)
+def test_example_network_float32(xp):
+    model, reference = make_pair("example", np.float32, xp=xp)
     x, t, target = make_inputs(model.config, 4, np.float32, seed=3)
-    errors = parity_errors(model, reference, x, t, target)
+    errors = parity_errors(model, reference, x, t, target, xp=xp)
     assert all(p.grad.dtype == np.float32 for p in model.parameters().values())
     assert_within(errors, F32_TOL)
 
@@ -225,7 +227,7 @@ def test_sampler_matches_torch():
     ("tiny", np.float64, 4, F64_TOL),
     ("example", np.float32, 2, F32_TOL),
 ])
-def test_training_matches_torch(name, dtype, batch, tol):
+def test_training_matches_torch(xp, name, dtype, batch, tol):
     """Five training steps (q_sample, forward, MSE, backward, Adam) on the same batches, steps
     and noise reach the same weights, and the trained networks predict the same noise.
 
@@ -235,7 +237,7 @@ def test_training_matches_torch(name, dtype, batch, tol):
     3e-10 relative weight difference in the tiny net; float32: ~0.3 of a normal step). The
     network cannot tell: the final forward comparison covers them.
     """
-    model, reference = make_pair(name, dtype)
+    model, reference = make_pair(name, dtype, xp=xp)
     optimizer, loss_fn, schedule = Adam(model.parameters(), lr=5e-4), MSELoss(), linear_schedule()
     reference_optimizer, reference_schedule = make_optimizer(reference), make_schedule()
     rng = np.random.default_rng(6)
@@ -244,7 +246,7 @@ def test_training_matches_torch(name, dtype, batch, tol):
         x0 = rng.uniform(-1, 1, shape).astype(dtype)
         t = rng.integers(1, 501, size=batch)
         noise = rng.standard_normal(shape).astype(dtype)
-        loss = train_step(model, optimizer, loss_fn, schedule, x0, t, noise)
+        loss = train_step(model, optimizer, loss_fn, schedule, to_device(x0, xp), t, to_device(noise, xp))
         reference_loss = reference_train_step(reference, reference_optimizer, nchw(x0),
                                               torch.from_numpy(t), nchw(noise), reference_schedule)
         assert rel_err(loss, reference_loss) <= tol
@@ -256,4 +258,4 @@ def test_training_matches_torch(name, dtype, batch, tol):
     with torch.no_grad():
         reference_out = reference(nchw(x), torch.from_numpy(t))
     with no_grad():
-        assert rel_err(model(x, t), nhwc(reference_out)) <= tol
+        assert rel_err(to_host(model(to_device(x, xp), t)), nhwc(reference_out)) <= tol

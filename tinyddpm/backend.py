@@ -6,6 +6,8 @@ devices. Arrays cross between host and device only at the edges (data loading,
 checkpoint I/O, image export) through :func:`to_device` and :func:`to_host`.
 """
 
+import os
+
 import numpy as np
 
 try:
@@ -50,6 +52,13 @@ def array_module(device):
             raise DeviceError(f"--device gpu is not available: {reason}")
         return cupy
     raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+
+
+def enable_tf32():
+    """Let CuPy's float32 matrix products use TF32 tensor cores: inputs rounded to a 10-bit
+    mantissa, float32 accumulation. CuPy reads the setting at its first float32 product, so
+    call this before any work. Element-wise kernels and reductions stay float32."""
+    os.environ["CUPY_TF32"] = "1"
 
 
 def to_device(array, xp):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tinyddpm.backend import DEVICES, DeviceError
+from tinyddpm.backend import DEVICES, DeviceError, enable_tf32
 
 
 def _one_line_errors(command):
@@ -37,6 +37,22 @@ def _load_for_sampling(checkpoint, weights, xp):
 
 device_option = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
                              help="cpu (NumPy) or gpu (CuPy).")
+
+
+def device_options(command):
+    """``--device`` and ``--tf32``; the command itself sees ``device`` only."""
+
+    @device_option
+    @click.option("--tf32", is_flag=True,
+                  help="GPU only: TF32 tensor-core matrix products (faster; about 1e-3 relative error).")
+    @functools.wraps(command)
+    def wrapper(*args, tf32, **kwargs):
+        if tf32:
+            if kwargs["device"] != "gpu":
+                raise click.BadParameter("TF32 needs --device gpu", param_hint="--tf32")
+            enable_tf32()
+        return command(*args, **kwargs)
+    return wrapper
 
 
 @click.group()
@@ -71,7 +87,7 @@ def main():
 @click.option("--distributed", is_flag=True,
               help="Data-parallel over the processes of `mpiexec -n N` (one per CPU or GPU), each taking "
                    "1/N of every batch; needs the 'distributed' extra. Without mpiexec: one process.")
-@device_option
+@device_options
 @_one_line_errors
 def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, seed, max_steps,
           preview_every, conditional, label_dropout, ema_decay, resume, distributed, device):
@@ -119,7 +135,7 @@ def train(out_dir, preset, data, channels, epochs, batch_size, learning_rate, se
               help="Save the batch every N sampler steps (0: only the final grid).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="samples", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@device_option
+@device_options
 @_one_line_errors
 def sample(checkpoint, num_images, sampler, steps, eta, label, guidance, weights, display_every, out_dir, seed,
            device):
@@ -219,7 +235,7 @@ def gradcheck(device, seed):
 @click.option("--weights", type=click.Choice(["auto", "model", "ema"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default="evaluation.json", show_default=True)
-@device_option
+@device_options
 @_one_line_errors
 def evaluate(checkpoint, num_images, sampler, steps, eta, guidance, weights, seed, out, device):
     """Score generated digits: Fréchet distance in a digit classifier's features, and more."""

@@ -135,3 +135,48 @@ def group_norm_backward(dout, cache):
     dgamma = per_sample.sum(axis=0).reshape(-1)
     dbeta = dout4.sum(axis=1).sum(axis=0).reshape(-1)
     return dx.reshape(dout.shape), dgamma, dbeta
+
+
+# --- im2col -------------------------------------------------------------------------------------
+
+
+def im2col(x, KH, KW, stride, padding):
+    """The patch matrix of ``conv.im2col`` (N*OH*OW, KH*KW*C), built in one kernel from the
+    unpadded ``x`` (N, H, W, C): positions in the padding read as zero, so no padded copy of
+    ``x`` is made. ``padding`` is ``((top, bottom), (left, right))``.
+
+    Each thread copies a run of V consecutive channels of one patch position (V = 4 where C
+    allows), so that neighbouring threads read and write neighbouring memory and the integer
+    index arithmetic, which costs more than the copy itself, is done once per run.
+    """
+    cupy = _cupy()
+    x = cupy.ascontiguousarray(x)
+    N, H, W, C = x.shape
+    (top, bottom), (left, right) = padding
+    OH = (H + top + bottom - KH) // stride + 1
+    OW = (W + left + right - KW) // stride + 1
+    cols = cupy.empty((N * OH * OW, KH * KW * C), dtype=x.dtype)
+    V = 4 if C % 4 == 0 else 1
+    runs = cols.size // V
+    if runs >= 2**31:
+        raise ValueError(f"im2col of {x.shape} is too large for 32-bit indices; use a smaller batch")
+    kernel = _kernel(
+        "map", "raw T x, int32 H, int32 W, int32 C, int32 OH, int32 OW, int32 KW, int32 KHW, "
+               "int32 stride, int32 top, int32 left, int32 V", "raw T cols",
+        """
+        int runs_per_position = C / V;
+        int run = (int)i % runs_per_position, t = (int)i / runs_per_position;  // t: (row, a, b)
+        int ab = t % KHW, row = t / KHW;
+        int a = ab / KW, b = ab % KW;
+        int ow = row % OW, oh = (row / OW) % OH, n = row / (OW * OH);
+        int h = oh * stride + a - top, w = ow * stride + b - left;
+        long long dst = (long long)t * C + run * V;
+        if (h >= 0 && h < H && w >= 0 && w < W) {
+            long long src = (((long long)n * H + h) * W + w) * C + run * V;
+            for (int v = 0; v < V; ++v) cols[dst + v] = x[src + v];
+        } else {
+            for (int v = 0; v < V; ++v) cols[dst + v] = (T)0;
+        }
+        """, name="im2col")
+    kernel(x, H, W, C, OH, OW, KW, KH * KW, stride, top, left, V, cols, size=runs)
+    return cols
