@@ -56,3 +56,17 @@ def test_threaded_layers_match_one_whole_batch_call(monkeypatch):
     chunked = run_layers(np.random.default_rng(0))
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_gpu_chunks_bound_the_pixels_of_image_work_and_run_in_order():
+    """On CuPy (any array module but NumPy) image work runs in sequential chunks of at most
+    GPU_CHUNK_ROWS pixels; row-wise work (one row per item) runs as one call."""
+    not_numpy = object()
+    calls = []
+    parallel.map_chunks(lambda start, stop: calls.append((start, stop)), 128, not_numpy, rows_per_item=32 * 32)
+    per_chunk = parallel.GPU_CHUNK_ROWS // (32 * 32)
+    assert calls == [(start, min(start + per_chunk, 128)) for start in range(0, 128, per_chunk)]
+    assert len(calls) > 1
+    calls.clear()
+    parallel.map_chunks(lambda start, stop: calls.append((start, stop)), 100_000, not_numpy)
+    assert calls == [(0, 100_000)]

@@ -16,8 +16,12 @@ While chunks run, BLAS is held to one thread, as the parallelism comes from the
 chunks. The limit is set around each call (some microseconds) rather than for
 the process, so that products made outside a parallel call keep all BLAS threads.
 
-On CuPy (the GPU runs a whole batch at once) and with one thread, ``fn`` is
-simply called once on the whole range. The thread count is ``os.cpu_count()``
+On CuPy the GPU runs a whole chunk at once, so chunks run one after another
+and exist only to bound memory: work on images (``rows_per_item`` > 1) is split
+into chunks of at most ``GPU_CHUNK_ROWS`` pixels, which keeps a convolution's
+patch matrix near 150 MB where a whole batch-128 one would take 300-600 MB,
+while its products still fill the GPU. Everything else, and all work with one
+thread on the CPU, is one call of ``fn`` on the whole range. The thread count is ``os.cpu_count()``
 unless the environment variable ``TINYDDPM_THREADS`` says otherwise.
 """
 
@@ -34,6 +38,7 @@ CHUNK_ROWS = 4096  # rows (pixels) of a chunk at most: an im2col chunk of a few 
 MIN_ROWS = 256  # and at least, or handing out the chunk costs more than it saves
 ELEMENT_CHUNK_ROWS = 1 << 16  # the same bounds for element-wise work, where a row is one number
 ELEMENT_MIN_ROWS = 1 << 14
+GPU_CHUNK_ROWS = 1 << 15
 
 _pool = None
 _blas = None
@@ -58,8 +63,13 @@ def map_chunks(fn, n, xp, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_R
     shared output, and must not call ``map_chunks`` itself.
     """
     global _pool, _blas
+    if xp is not np:
+        if rows_per_item == 1:
+            return [fn(0, n)]
+        per_chunk = max(GPU_CHUNK_ROWS // rows_per_item, 1)
+        return [fn(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
     bounds = chunk_bounds(n, rows_per_item, chunk_rows, min_rows)
-    if xp is not np or THREADS == 1 or len(bounds) == 1:
+    if THREADS == 1 or len(bounds) == 1:
         return [fn(0, n)]
     if _pool is None:
         from threadpoolctl import ThreadpoolController
