@@ -6,6 +6,8 @@ devices. Arrays cross between host and device only at the edges (data loading,
 checkpoint I/O, image export) through :func:`to_device` and :func:`to_host`.
 """
 
+import ctypes
+import ctypes.util
 import os
 
 import numpy as np
@@ -73,3 +75,24 @@ def to_host(array):
     if cupy is not None and isinstance(array, cupy.ndarray):
         return cupy.asnumpy(array)
     return np.asarray(array)
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    With glibc's defaults every array over 32 MB is a fresh mapping, and freed heap space is
+    soon trimmed, so each training step faults in (and the kernel zeroes) many GB of new pages:
+    a quarter of a CPU step of the example network. The command line calls this at start-up,
+    as it owns its process; the library never does, as it would change the process of whoever
+    imports it. The same as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``;
+    a no-op where the C library is not glibc or the user has set GLIBC_TUNABLES.
+    """
+    if os.environ.get("GLIBC_TUNABLES"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tinyddpm.backend import DEVICES, DeviceError, enable_tf32
+from tinyddpm.backend import DEVICES, DeviceError, enable_tf32, keep_freed_memory
 
 
 def _one_line_errors(command):
@@ -59,6 +59,7 @@ def device_options(command):
 @click.version_option(package_name="tinyddpm")
 def main():
     """tinyddpm: a hand-written DDPM that learns 32x32 digits (MathWorks' diffusion example)."""
+    keep_freed_memory()
 
 
 @main.command()
