@@ -1,5 +1,8 @@
 """The command line: the main jobs run, and bad input gets one clear line, never a traceback."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -94,6 +97,25 @@ def test_digit_needs_a_conditional_model(tiny_checkpoint, tmp_path):
 def test_gpu_without_cupy_or_gpu(tmp_path, tiny_checkpoint):
     assert_one_line_error(run("sample", "--checkpoint", tiny_checkpoint, "--device", "gpu"), "--device gpu")
     assert_one_line_error(run("train", "--device", "gpu", "--out", tmp_path), "--device gpu")
+
+
+def test_tf32_needs_the_gpu(tiny_checkpoint):
+    assert_one_line_error(run("sample", "--checkpoint", tiny_checkpoint, "--tf32"), "--tf32", "--device gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_training_with_tf32(digit_folder, tmp_path):
+    """Through ``python -m tinyddpm`` in a process of its own: TF32, once chosen, holds for the
+    process, and the other GPU tests here compare float32 against tight bounds."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"gpu: {reason}")
+    done = subprocess.run([sys.executable, "-m", "tinyddpm", "train", "--device", "gpu", "--tf32",
+                           "--preset", "tiny", "--batch-size", "16", "--max-steps", "3", "--preview-every", "0",
+                           "--data", digit_folder, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "checkpoint.safetensors").is_file()
 
 
 def test_gradcheck_command_passes():
