@@ -1,0 +1,183 @@
+"""3x3 stride-1 "same" correlation and its weight gradient by Winograd's F(2x2, 3x3), on NumPy.
+
+Shapes: input ``x`` (N, H, W, C) with H and W even, zero-padded by one pixel on
+every side; weight ``w`` (OC, C, 3, 3); output and output gradient (N, H, W, OC).
+
+The output is cut into 2x2 tiles. Tile (p, q) comes from the 4x4 input tile
+``d`` at rows 2p..2p+3, columns 2q..2q+3 of the padded input, and a 3x3 kernel
+``g``, as (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016)::
+
+    y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise over a 4x4 grid)
+
+    B^T = [1  0 -1  0]     G = [ 1    0    0 ]     A^T = [1  1  1  0]
+          [0  1  1  0]         [1/2  1/2  1/2]           [0  1 -1 -1]
+          [0 -1  1  0]         [1/2 -1/2  1/2]
+          [0  1  0 -1]         [ 0    0    1 ]
+
+Summed over input channels, the elementwise product becomes 16 matrix products,
+one per grid point (k, l): ``M[k, l] = V[k, l] @ U[k, l]``, with ``V[k, l]``
+(tiles, C) the transformed input and ``U[k, l]`` (C, OC) the transformed filter.
+A 2x2 output tile then costs 16 multiplications per channel pair instead of
+im2col's 4 * 9 = 36, and the 16 products are ordinary GEMMs.
+
+The weight gradient is the same identity read backwards: ``dU[k, l] =
+V[k, l]^T @ DY[k, l]`` with ``DY = A dy A^T`` the transformed output gradient
+of each tile, summed over the tiles by the product itself, and then
+``dg = G^T dU G``.
+
+The filter transforms happen once per call. The rest runs chunk by chunk over
+the batch on all cores (``parallel.py``), as in-place ufuncs over strided
+views with no Python loop over pixels. Every transform is separable: it is
+applied to the tile rows (stride-2 slices of the image rows), then to the tile
+columns, one grid row k at a time, so that only one row of V and of M exists
+at once. The forward pass adds each row's products straight into ``A^T M``,
+then writes the 2x2 tiles into the output as four stride-2 views
+``out[:, i::2, j::2]``; the weight gradient returns one partial ``dU`` per chunk.
+
+The entries of B, G and A are 0, +-1 and +-1/2, so the transforms only add
+the rounding of a few additions: in float64 the results equal im2col's to
+about 1e-15, and in float32 they are about as accurate as im2col's.
+"""
+
+import numpy as np
+
+from tinyddpm.nn.parallel import map_chunks
+
+# Pixels per chunk. A chunk holds about (4 C + 3 OC) numbers per pixel (padded input, its
+# row transform, one grid row of V, and three arrays of the output's size), a few MB.
+CHUNK_PIXELS = 2048
+
+G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# U[k, l] = sum_ab G[k, a] g[a, b] G[l, b]: row 4k + l of G (x) G maps the 9 taps g[a, b]
+# (row-major) to the grid point (k, l), and its transpose maps dU back onto the taps.
+TAPS_TO_POINTS = np.kron(G, G)  # (16, 9)
+
+
+def filter_transform(w, dtype):
+    """``U = G g G^T`` of every channel pair of ``w`` (OC, C, 3, 3): (4, 4, C, OC) in ``dtype``."""
+    OC, C = w.shape[:2]
+    taps = w.transpose(2, 3, 1, 0).reshape(9, C * OC).astype(dtype, copy=False)
+    return (TAPS_TO_POINTS.astype(dtype) @ taps).reshape(4, 4, C, OC)
+
+
+def input_transform(d, out):
+    """``out[k] = sum_i B^T[k, i] d[i]`` for four equal-shaped arrays ``d``, into ``out[0..3]``."""
+    d0, d1, d2, d3 = d
+    np.subtract(d0, d2, out=out[0])
+    np.add(d1, d2, out=out[1])
+    np.subtract(d2, d1, out=out[2])
+    np.subtract(d1, d3, out=out[3])
+
+
+def output_transform(m, out0, out1):
+    """``out_i = sum_k A^T[i, k] m[k]`` for four equal-shaped arrays ``m``, which it overwrites."""
+    m0, m1, m2, m3 = m
+    m0 += m1
+    np.add(m0, m2, out=out0)
+    m1 -= m2
+    np.subtract(m1, m3, out=out1)
+
+
+def gradient_transform(e, out):
+    """``out[k] = sum_i A[k, i] e[i]`` for two equal-shaped arrays ``e``, into ``out[0..3]``."""
+    e0, e1 = e
+    np.copyto(out[0], e0)
+    np.add(e0, e1, out=out[1])
+    np.subtract(e0, e1, out=out[2])
+    np.negative(e1, out=out[3])
+
+
+def padded_input_rows(x, dtype):
+    """``B^T d``, the row half of the input transform, of ``x`` (n, H, W, C) padded by 1.
+
+    Returns (4, n, H/2, 2, W/2 + 1, C): tile row p reads padded rows 2p + i, and
+    padded column 2q + s is stored at [..., s, q, :]. With the columns split in
+    even and odd ones, the columns 2q + j of all tiles q are the contiguous runs
+    [s, 0:W/2] and [s, 1:W/2 + 1], which keeps the inner loops of
+    :func:`transformed_input` long.
+    """
+    n, H, W, C = x.shape
+    xpad = np.empty((n, H + 2, 2, W // 2 + 1, C), dtype=dtype)
+    xpad[:, [0, -1]] = 0
+    xpad[:, :, 0, 0] = 0
+    xpad[:, :, 1, -1] = 0
+    xpad[:, 1:-1, 0, 1:] = x[:, :, 1::2]
+    xpad[:, 1:-1, 1, :-1] = x[:, :, 0::2]
+    rows = np.empty((4, n, H // 2, 2, W // 2 + 1, C), dtype=dtype)
+    input_transform([xpad[:, i:i + H:2] for i in range(4)], rows)
+    return rows
+
+
+def transformed_input(rows_k, out):
+    """``V[k, 0..3]`` into ``out`` (4, n, H/2, W/2, C): row k of :func:`padded_input_rows`, times B."""
+    even, odd = rows_k[:, :, 0], rows_k[:, :, 1]
+    input_transform([even[:, :, :-1], odd[:, :, :-1], even[:, :, 1:], odd[:, :, 1:]], out)
+
+
+def correlate_3x3(x, w):
+    """``x`` (N, H, W, C) zero-padded by 1, correlated with ``w`` (OC, C, 3, 3): (N, H, W, OC)."""
+    N, H, W, C = x.shape
+    OC = w.shape[0]
+    dtype = np.result_type(x, w)
+    u = filter_transform(w, dtype)
+    out = np.empty((N, H, W, OC), dtype=dtype)
+
+    def chunk(start, stop):
+        tiles = (stop - start, H // 2, W // 2)
+        rows = padded_input_rows(x[start:stop], dtype)
+        v = np.empty((4, *tiles, C), dtype=dtype)
+
+        def products(k, into):
+            """``M[k, 0..3] = V[k, l] @ U[k, l]`` into ``into`` (4, tiles, OC)."""
+            transformed_input(rows[k], v)
+            np.matmul(v.reshape(4, -1, C), u[k], out=into)
+
+        # A^T M over the grid rows, added up as each row k of products comes:
+        # s0 = M[0] + M[1] + M[2] and s1 = M[1] - M[2] - M[3].
+        s0, s1, m = np.empty((3, 4, np.prod(tiles), OC), dtype=dtype)
+        products(0, s0)
+        products(1, s1)
+        s0 += s1
+        products(2, m)
+        s0 += m
+        s1 -= m
+        products(3, m)
+        s1 -= m
+
+        # (A^T M) A: the columns of the grid, written into the output's 2x2 tile positions.
+        tile_out = out[start:stop]
+        for i, s in enumerate((s0, s1)):
+            output_transform(s.reshape(4, *tiles, OC), tile_out[:, i::2, 0::2], tile_out[:, i::2, 1::2])
+
+    map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS)
+    return out
+
+
+def correlate_3x3_weight_grad(x, dout):
+    """``dw`` (OC, C, 3, 3) of :func:`correlate_3x3` from its input ``x`` and output gradient ``dout``.
+
+    Each chunk returns its partial ``dU[k, l] = V[k, l]^T @ DY[k, l]`` (4, 4, C, OC);
+    their sum is mapped back onto the taps, ``dg = G^T dU G``.
+    """
+    N, H, W, C = x.shape
+    OC = dout.shape[3]
+    dtype = np.result_type(x, dout)
+
+    def chunk(start, stop):
+        tiles = (stop - start, H // 2, W // 2)
+        rows = padded_input_rows(x[start:stop], dtype)
+        # A dy, the row half of A dy A^T: tile row p of the output gradient is its rows 2p + i.
+        grad_rows = np.empty((4, *tiles[:2], W, OC), dtype=dtype)
+        gradient_transform([dout[start:stop, i::2] for i in range(2)], grad_rows)
+        v = np.empty((4, *tiles, C), dtype=dtype)
+        dy = np.empty((4, *tiles, OC), dtype=dtype)
+        du = np.empty((4, 4, C, OC), dtype=dtype)
+        for k in range(4):
+            transformed_input(rows[k], v)
+            gradient_transform([grad_rows[k][:, :, j::2] for j in range(2)], dy)  # DY[k, 0..3]
+            np.matmul(v.reshape(4, -1, C).transpose(0, 2, 1), dy.reshape(4, -1, OC), out=du[k])
+        return du
+
+    du = sum(map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS))
+    taps = TAPS_TO_POINTS.T.astype(dtype) @ du.reshape(16, C * OC)
+    return taps.reshape(3, 3, C, OC).transpose(3, 2, 0, 1)
