@@ -2,8 +2,11 @@
 
 Shapes: any; the output has the shape of the input.
 
-The sigmoid is computed as ``0.5 * tanh(x / 2) + 0.5``, which equals
-``1 / (1 + exp(-x))`` but cannot overflow for large negative ``x``.
+The sigmoid is ``1 / (1 + exp(-x))``. For very negative ``x`` (below -88 in
+float32) ``exp(-x)`` overflows to inf and the sigmoid comes out as exactly 0,
+its correct rounded value, so that overflow is expected and not reported.
+(NumPy's float32 ``exp`` is 2x faster than its ``tanh`` on AVX2, which made the
+equivalent ``0.5 tanh(x / 2) + 0.5`` the slower choice here.)
 With ``s = sigmoid(x)`` the derivative is ``s * (1 + x * (1 - s))``, which is
 ``s + out * (1 - s)``: backward needs ``s`` and the output only. The output is
 also what the next layer keeps for its own backward, so saving it costs no
@@ -21,12 +24,13 @@ from tinyddpm.nn.parallel import map_elementwise
 
 
 def sigmoid(x, out=None):
-    """Logistic sigmoid without overflow, into ``out`` if given."""
+    """Logistic sigmoid, into ``out`` if given."""
     xp = get_array_module(x)
-    s = xp.multiply(x, 0.5, out=out)
-    xp.tanh(s, out=s)
-    s *= 0.5
-    s += 0.5
+    with np.errstate(over="ignore"):
+        s = xp.negative(x, out=out)
+        xp.exp(s, out=s)
+    s += 1.0
+    xp.reciprocal(s, out=s)
     return s
 
 

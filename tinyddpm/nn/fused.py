@@ -6,9 +6,10 @@ more than the arithmetic of most tensors in this network. On CuPy, Swish,
 GroupNorm, Adam, im2col and the bias gradients therefore call the functions here,
 each one to a handful of kernels that CuPy compiles once per dtype and caches on disk.
 
-Every function computes what the NumPy code beside its caller computes, in the
-same order of operations, so the gradient checks and the PyTorch parity tests
-hold the GPU path to the same bounds. CuPy is imported on first use only, so
+Every function computes what the NumPy code beside its caller computes, up to
+rounding (the GPU's sigmoid is ``0.5 tanh(x / 2) + 0.5``, the CPU's ``1 / (1 +
+exp(-x))``, whichever each device computes faster), and the gradient checks and
+the PyTorch parity tests hold the GPU path to the same bounds as the CPU's. CuPy is imported on first use only, so
 this module loads without it.
 """
 
