@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tinyddpm.nn import Swish, parallel
+from tinyddpm.nn import GroupNorm, Swish, no_grad, parallel
 from tinyddpm.nn.conv import conv2d_backward, conv2d_forward
 from tinyddpm.nn.conv_transpose import (
     conv_transpose2d_backward,
@@ -70,3 +70,14 @@ def test_gpu_chunks_bound_the_pixels_of_image_work_and_run_in_order():
     calls.clear()
     parallel.map_chunks(lambda start, stop: calls.append((start, stop)), 100_000, not_numpy)
     assert calls == [(0, 100_000)]
+
+
+@pytest.mark.parametrize("make", [Swish, lambda: GroupNorm(4, 8)])
+def test_forward_without_grad_gives_the_same_output(make):
+    """Under no_grad, Swish and GroupNorm build their output without what backward needs."""
+    x = np.random.default_rng(3).standard_normal((6, 16, 16, 8))
+    layer = make()
+    with_grad = layer(x)
+    with no_grad():
+        without = layer(x)
+    np.testing.assert_array_equal(without, with_grad)

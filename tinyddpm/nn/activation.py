@@ -19,7 +19,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
-from tinyddpm.nn.module import Module
+from tinyddpm.nn.module import Module, grad_enabled
 from tinyddpm.nn.parallel import map_elementwise
 
 
@@ -43,7 +43,16 @@ class Swish(Module):
             s, out = fused.swish_forward(x)
             self.save_for_backward(s, out)
             return out
-        s, out = xp.empty_like(x, order="C"), xp.empty_like(x, order="C")
+        out = xp.empty_like(x, order="C")
+        if not grad_enabled():  # sampling: no sigmoid to keep, one array fewer to allocate
+
+            def chunk(x, out):
+                sigmoid(x, out=out)
+                out *= x
+
+            map_elementwise(chunk, x, out)
+            return out
+        s = xp.empty_like(x, order="C")
 
         def chunk(x, s, out):
             sigmoid(x, out=s)

@@ -23,7 +23,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
-from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.module import Module, Parameter, grad_enabled
 from tinyddpm.nn.parallel import map_chunks
 
 
@@ -40,10 +40,12 @@ def _channel_dot(a, b):
     return get_array_module(a).einsum("nlc,nlc->nc", a, b)
 
 
-def group_norm_forward(x, gamma, beta, G, eps=1e-5):
+def group_norm_forward(x, gamma, beta, G, eps=1e-5, keep_for_backward=True):
     """Normalise ``x`` (N, ..., C) in G groups, then scale by ``gamma`` and shift by ``beta``.
 
-    Returns ``(out, cache)``. Samples are independent, so chunks of the batch run on all cores.
+    Returns ``(out, cache)``, the cache None without ``keep_for_backward`` (on the CPU the
+    normalised input is then built in the output's memory, one array fewer to allocate).
+    Samples are independent, so chunks of the batch run on all cores.
     """
     xp = get_array_module(x)
     if xp is not np:
@@ -52,7 +54,8 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     x3 = x.reshape(N, -1, C)
     L = x3.shape[1]
     count = L * (C // G)
-    xhat, out = xp.empty_like(x3, order="C"), xp.empty_like(x3, order="C")
+    out = xp.empty_like(x3, order="C")
+    xhat = xp.empty_like(x3, order="C") if keep_for_backward else out
     inv_std = xp.empty((N, 1, C), dtype=x.dtype)
 
     def chunk(start, stop):
@@ -65,7 +68,7 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
         out_c += beta
 
     map_chunks(chunk, N, xp, rows_per_item=L)
-    return out.reshape(x.shape), (xhat, inv_std, gamma, G)
+    return out.reshape(x.shape), (xhat, inv_std, gamma, G) if keep_for_backward else None
 
 
 def group_norm_backward(dout, cache):
@@ -111,7 +114,8 @@ class GroupNorm(Module):
         self.bias = Parameter(np.zeros(num_channels, dtype=dtype))
 
     def forward(self, x):
-        out, cache = group_norm_forward(x, self.weight.data, self.bias.data, self.num_groups, self.eps)
+        out, cache = group_norm_forward(x, self.weight.data, self.bias.data, self.num_groups, self.eps,
+                                        keep_for_backward=grad_enabled())
         self.save_for_backward(cache)
         return out
 

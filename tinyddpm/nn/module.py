@@ -32,6 +32,11 @@ def no_grad():
         _grad_enabled = previous
 
 
+def grad_enabled():
+    """False inside :func:`no_grad`: a layer may then skip whatever only backward needs."""
+    return _grad_enabled
+
+
 class Parameter:
     """A trainable array ``data`` and the gradient ``grad`` accumulated into it."""
 
