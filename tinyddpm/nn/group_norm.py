@@ -15,6 +15,10 @@ along (N, L, G, C/G) with a size-1 last axis).
 Backward uses the closed form in the normalised input ``xhat`` and the inverse
 standard deviation ``inv_std``, with group means over the M values:
 ``dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))``, ``dxhat = dout * gamma``.
+On the CPU, forward keeps the input with the per-group mean and ``inv_std`` rather
+than ``xhat``, and backward recomputes ``xhat`` chunk by chunk, in cache: the
+input is usually kept anyway (a residual or skip connection holds it), so this
+saves an activation-sized array per layer, and its allocation.
 
 On the GPU the same sums and products run as a few fused kernels (``fused.py``).
 """
@@ -23,7 +27,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
-from tinyddpm.nn.module import Module, Parameter, grad_enabled
+from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks
 
 
@@ -40,12 +44,11 @@ def _channel_dot(a, b):
     return get_array_module(a).einsum("nlc,nlc->nc", a, b)
 
 
-def group_norm_forward(x, gamma, beta, G, eps=1e-5, keep_for_backward=True):
+def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     """Normalise ``x`` (N, ..., C) in G groups, then scale by ``gamma`` and shift by ``beta``.
 
-    Returns ``(out, cache)``, the cache None without ``keep_for_backward`` (on the CPU the
-    normalised input is then built in the output's memory, one array fewer to allocate).
-    Samples are independent, so chunks of the batch run on all cores.
+    Returns ``(out, cache)``. Samples are independent, so chunks of the batch run on all cores;
+    each chunk builds its normalised input in its slice of the output.
     """
     xp = get_array_module(x)
     if xp is not np:
@@ -55,35 +58,37 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5, keep_for_backward=True):
     L = x3.shape[1]
     count = L * (C // G)
     out = xp.empty_like(x3, order="C")
-    xhat = xp.empty_like(x3, order="C") if keep_for_backward else out
-    inv_std = xp.empty((N, 1, C), dtype=x.dtype)
+    mean, inv_std = xp.empty((N, 1, C), dtype=x.dtype), xp.empty((N, 1, C), dtype=x.dtype)
 
     def chunk(start, stop):
-        x_c, xhat_c, inv_std_c, out_c = x3[start:stop], xhat[start:stop], inv_std[start:stop], out[start:stop]
-        xp.subtract(x_c, _group_mean(x_c.sum(axis=1), G, count), out=xhat_c)
-        xp.sqrt(_group_mean(_channel_dot(xhat_c, xhat_c), G, count) + eps, out=inv_std_c)
+        x_c, mean_c, inv_std_c, out_c = x3[start:stop], mean[start:stop], inv_std[start:stop], out[start:stop]
+        mean_c[...] = _group_mean(x_c.sum(axis=1), G, count)
+        xp.subtract(x_c, mean_c, out=out_c)
+        xp.sqrt(_group_mean(_channel_dot(out_c, out_c), G, count) + eps, out=inv_std_c)
         xp.divide(1.0, inv_std_c, out=inv_std_c)
-        xhat_c *= inv_std_c
-        xp.multiply(xhat_c, gamma, out=out_c)
+        out_c *= inv_std_c  # xhat
+        out_c *= gamma
         out_c += beta
 
     map_chunks(chunk, N, xp, rows_per_item=L)
-    return out.reshape(x.shape), (xhat, inv_std, gamma, G) if keep_for_backward else None
+    return out.reshape(x.shape), (x3, mean, inv_std, gamma, G)
 
 
 def group_norm_backward(dout, cache):
     """Gradients ``(dx, dgamma, dbeta)`` of :func:`group_norm_forward`."""
-    xhat, inv_std, gamma, G = cache
-    xp = get_array_module(xhat)
+    xp = get_array_module(dout)
     if xp is not np:
         return fused.group_norm_backward(dout, cache)
-    N, L, C = xhat.shape
-    dout3 = dout.reshape(xhat.shape)
+    x3, mean, inv_std, gamma, G = cache
+    N, L, C = x3.shape
+    dout3 = dout.reshape(x3.shape)
     count = L * (C // G)
-    dx = xp.empty_like(xhat)
+    dx = xp.empty(x3.shape, dtype=x3.dtype)
 
     def chunk(start, stop):
-        dout_c, xhat_c, inv_std_c, dx_c = dout3[start:stop], xhat[start:stop], inv_std[start:stop], dx[start:stop]
+        dout_c, inv_std_c, dx_c = dout3[start:stop], inv_std[start:stop], dx[start:stop]
+        xhat_c = xp.subtract(x3[start:stop], mean[start:stop])
+        xhat_c *= inv_std_c
         sum_dout = dout_c.sum(axis=1)  # (n, C)
         sum_dout_xhat = _channel_dot(dout_c, xhat_c)  # (n, C)
         mean_dxhat = _group_mean(sum_dout * gamma, G, count)
@@ -114,8 +119,7 @@ class GroupNorm(Module):
         self.bias = Parameter(np.zeros(num_channels, dtype=dtype))
 
     def forward(self, x):
-        out, cache = group_norm_forward(x, self.weight.data, self.bias.data, self.num_groups, self.eps,
-                                        keep_for_backward=grad_enabled())
+        out, cache = group_norm_forward(x, self.weight.data, self.bias.data, self.num_groups, self.eps)
         self.save_for_backward(cache)
         return out
 
