@@ -1,7 +1,7 @@
 """tinyddpm next to the PyTorch reference: the example's network, the same work, the same threads.
 
     python -m bench.bench_step [--device cpu|gpu] [--repeats N] [--batch B] [--threads N]
-                               [--allocator default|tuned] [--out bench/results/NAME.json]
+                               [--allocator default|tuned] [--tf32] [--out bench/results/NAME.json]
 
 Rows (the example network, float32):
 
@@ -35,6 +35,10 @@ Allocator. ``--allocator tuned`` runs the whole benchmark (both implementations,
 subprocesses) under ``GLIBC_TUNABLES`` that keep freed memory in the process instead of
 unmapping it; with glibc's defaults every large array is a fresh mmap whose pages fault in on
 first touch. Run it both ways to compare each library with and without that cost.
+
+TF32. On the GPU, ``--tf32`` lets both implementations' matrix products use TF32 tensor cores
+(CUPY_TF32=1 for CuPy; allow_tf32 for PyTorch's matmuls and cuDNN); without it both run plain
+float32.
 
 The JSON (``--out``, default ``bench/results/bench_step_<device>[_tuned_malloc].json``) holds every raw time,
 the ratios, and the environment: CPU model, threads, library versions, the BLAS that
