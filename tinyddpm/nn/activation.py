@@ -44,15 +44,8 @@ class Swish(Module):
             self.save_for_backward(s, out)
             return out
         out = xp.empty_like(x, order="C")
-        if not grad_enabled():  # sampling: no sigmoid to keep, one array fewer to allocate
-
-            def chunk(x, out):
-                sigmoid(x, out=out)
-                out *= x
-
-            map_elementwise(chunk, x, out)
-            return out
-        s = xp.empty_like(x, order="C")
+        # Sampling keeps no sigmoid: it is built in the output's memory, one array fewer.
+        s = xp.empty_like(x, order="C") if grad_enabled() else out
 
         def chunk(x, s, out):
             sigmoid(x, out=s)

@@ -15,9 +15,8 @@ and its weight gradient for ``dw``.
 
 import numpy as np
 
-from tinyddpm.backend import get_array_module
-from tinyddpm.nn import fused
 from tinyddpm.nn.conv import (
+    bias_grad,
     correlate,
     correlate_input_grad,
     correlate_weight_grad,
@@ -43,8 +42,7 @@ def conv_transpose2d_forward(x, w, b):
 def conv_transpose2d_backward(dout, cache):
     """Gradients ``(dx, dw, db)`` of :func:`conv_transpose2d_forward`."""
     x, w = cache
-    dout2d = dout.reshape(-1, dout.shape[-1])
-    db = dout2d.sum(axis=0) if get_array_module(dout) is np else fused.sum_rows(dout2d)
+    db = bias_grad(dout)
     dx = correlate(dout, w, STRIDE)
     dw = correlate_weight_grad(dout, x, KERNEL, KERNEL, STRIDE)
     return dx, dw, db

@@ -9,11 +9,13 @@ each one to a handful of kernels that CuPy compiles once per dtype and caches on
 Every function computes what the NumPy code beside its caller computes, up to
 rounding (the GPU's sigmoid is ``0.5 tanh(x / 2) + 0.5``, the CPU's ``1 / (1 +
 exp(-x))``, whichever each device computes faster), and the gradient checks and
-the PyTorch parity tests hold the GPU path to the same bounds as the CPU's. CuPy is imported on first use only, so
-this module loads without it.
+the PyTorch parity tests hold the GPU path to the same bounds as the CPU's. CuPy is
+imported on first use only, so this module loads without it.
 """
 
 import functools
+
+import numpy as np
 
 
 @functools.cache
@@ -24,14 +26,9 @@ def _cupy():
 
 
 @functools.cache
-def _kernel(kind, in_params, out_params, *body, name):
-    """An ``ElementwiseKernel`` (kind "map") or ``ReductionKernel`` (kind "reduce"), built once."""
-    cupy = _cupy()
-    if kind == "map":
-        return cupy.ElementwiseKernel(in_params, out_params, body[0], f"tinyddpm_{name}")
-    map_expr, reduce_expr, post_map_expr, identity = body
-    return cupy.ReductionKernel(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,
-                                f"tinyddpm_{name}")
+def _kernel(in_params, out_params, operation, name):
+    """A CuPy ``ElementwiseKernel``, built once."""
+    return _cupy().ElementwiseKernel(in_params, out_params, operation, f"tinyddpm_{name}")
 
 
 def _scalar(value, like):
@@ -44,14 +41,14 @@ def _scalar(value, like):
 
 def swish_forward(x):
     """``(sigmoid(x), x * sigmoid(x))`` in one pass; sigmoid as ``0.5 tanh(x / 2) + 0.5``."""
-    kernel = _kernel("map", "T x", "T s, T out",
+    kernel = _kernel("T x", "T s, T out",
                      "s = tanh(x * (T)0.5) * (T)0.5 + (T)0.5; out = x * s;", name="swish_forward")
     return kernel(x)
 
 
 def swish_backward(s, out, dout):
     """``dout * (s + out (1 - s))``, the derivative of swish (from its sigmoid and output) times ``dout``."""
-    kernel = _kernel("map", "T s, T out, T dout", "T grad",
+    kernel = _kernel("T s, T out, T dout", "T grad",
                      "grad = (((T)1 - s) * out + s) * dout;", name="swish_backward")
     return kernel(s, out, dout)
 
@@ -62,7 +59,7 @@ def swish_backward(s, out, dout):
 def adam_update(param, grad, m, v, beta1, beta2, step_size, eps_hat):
     """One Adam step in place on ``param``, ``m`` and ``v`` (see ``optim.py`` for the algebra)."""
     kernel = _kernel(
-        "map", "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T eps_hat",
+        "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T eps_hat",
         "T p, T m, T v",
         "m = m * beta1 + one_minus_beta1 * g;"
         "v = v * beta2 + one_minus_beta2 * (g * g);"
@@ -168,8 +165,6 @@ extern "C" __global__ void group_norm_backward_sums(
 
 @functools.cache
 def _group_norm_kernel(name, dtype):
-    import numpy as np
-
     ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
     return _cupy().RawKernel(f"typedef {ctype} T;\n" + _GROUP_NORM_SOURCE, name)
 
@@ -187,8 +182,6 @@ def group_norm_forward(x, gamma, beta, G, eps):
     Works on ``x`` viewed as (N, L, G, C/G), the statistics as (N, 1, G, 1). Returns
     ``(out, cache)``; the cache is this module's own, read by :func:`group_norm_backward`.
     """
-    import numpy as np
-
     cupy = _cupy()
     N, C = x.shape[0], x.shape[-1]
     x3 = cupy.ascontiguousarray(x).reshape(N, -1, C)
@@ -198,7 +191,7 @@ def group_norm_forward(x, gamma, beta, G, eps):
         (N * G,), (_group_threads(Cg),), (x3, mean, inv_std, np.int32(L), np.int32(C), np.int32(Cg), np.float64(eps)))
     x4 = x3.reshape(N, L, G, Cg)
     xhat, out = cupy.empty_like(x4), cupy.empty_like(x4)
-    _kernel("map", "T x, T mean, T inv_std, T gamma, T beta", "T xhat, T out",
+    _kernel("T x, T mean, T inv_std, T gamma, T beta", "T xhat, T out",
             "xhat = (x - mean) * inv_std; out = xhat * gamma + beta;", name="group_norm_out")(
         x4, mean, inv_std, gamma.reshape(G, Cg), beta.reshape(G, Cg), xhat, out)
     return out.reshape(x.shape), (xhat, inv_std, gamma, G)
@@ -210,8 +203,6 @@ def group_norm_backward(dout, cache):
     ``dx = inv_std (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`` with ``dxhat = dout gamma``
     and group means over the (L, C/G) axes; ``dgamma``, ``dbeta`` sum over samples and pixels.
     """
-    import numpy as np
-
     cupy = _cupy()
     xhat, inv_std, gamma, G = cache
     N, L, _, Cg = xhat.shape
@@ -223,7 +214,7 @@ def group_norm_backward(dout, cache):
         (N * G,), (_group_threads(Cg),),
         (dout4, xhat, gamma, mean_dxhat, mean_dxhat_xhat, dgamma_part, dbeta_part,
          np.int32(L), np.int32(C), np.int32(Cg)))
-    dx = _kernel("map", "T dout, T gamma, T xhat, T inv_std, T mean_dxhat, T mean_dxhat_xhat", "T dx",
+    dx = _kernel("T dout, T gamma, T xhat, T inv_std, T mean_dxhat, T mean_dxhat_xhat", "T dx",
                  "dx = (dout * gamma - mean_dxhat - xhat * mean_dxhat_xhat) * inv_std;", name="group_norm_dx")(
         dout4, gamma.reshape(G, Cg), xhat, inv_std, mean_dxhat, mean_dxhat_xhat)
     return dx.reshape(dout.shape), dgamma_part.sum(axis=0), dbeta_part.sum(axis=0)
@@ -253,8 +244,8 @@ def im2col(x, KH, KW, stride, padding):
     if runs >= 2**31:
         raise ValueError(f"im2col of {x.shape} is too large for 32-bit indices; use a smaller batch")
     kernel = _kernel(
-        "map", "raw T x, int32 H, int32 W, int32 C, int32 OH, int32 OW, int32 KW, int32 KHW, "
-               "int32 stride, int32 top, int32 left, int32 V", "raw T cols",
+        "raw T x, int32 H, int32 W, int32 C, int32 OH, int32 OW, int32 KW, int32 KHW, "
+        "int32 stride, int32 top, int32 left, int32 V", "raw T cols",
         """
         int runs_per_position = C / V;
         int run = (int)i % runs_per_position, t = (int)i / runs_per_position;  // t: (row, a, b)

@@ -7,8 +7,7 @@ Shapes: input ``x`` (..., in) with any leading dims, weight ``W`` (out, in)
 import numpy as np
 
 from tinyddpm.backend import get_array_module
-from tinyddpm.nn import fused
-from tinyddpm.nn.conv import glorot_uniform
+from tinyddpm.nn.conv import bias_grad, glorot_uniform
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks
 
@@ -44,7 +43,7 @@ def linear_backward(dout, cache):
         return dout2d[start:stop].T @ x2d[start:stop]
 
     dw = sum(map_chunks(chunk, x2d.shape[0], xp))
-    db = dout2d.sum(axis=0) if xp is np else fused.sum_rows(dout2d)
+    db = bias_grad(dout2d)
     return dx.reshape(x.shape), dw, db
 
 

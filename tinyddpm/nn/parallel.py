@@ -21,8 +21,8 @@ and exist only to bound memory: work on images (``rows_per_item`` > 1) is split
 into chunks of at most ``GPU_CHUNK_ROWS`` pixels, which keeps a convolution's
 patch matrix near 150 MB where a whole batch-128 one would take 300-600 MB,
 while its products still fill the GPU. Everything else, and all work with one
-thread on the CPU, is one call of ``fn`` on the whole range. The thread count is ``os.cpu_count()``
-unless the environment variable ``TINYDDPM_THREADS`` says otherwise.
+thread on the CPU, is one call of ``fn`` on the whole range. The thread count is
+``os.cpu_count()`` unless the environment variable ``TINYDDPM_THREADS`` says otherwise.
 """
 
 import os
