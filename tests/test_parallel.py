@@ -31,6 +31,26 @@ def test_map_chunks_returns_results_in_order(monkeypatch):
     assert list(itertools.chain(*out)) == list(range(1000))
 
 
+def blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]  # one per library
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_chunks_run_with_one_blas_thread_and_the_callers_setting_comes_back(monkeypatch, n):
+    """One chunk or many, products inside map_chunks never wake BLAS's own threads."""
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    with threadpool_limits(2, user_api="blas"):
+        seen = parallel.map_chunks(lambda start, stop: blas_threads(), n, np, min_rows=1)
+        assert all(set(threads) == {1} for threads in seen)
+        with parallel.one_blas_thread():
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {2}
+
+
 def run_layers(rng):
     """Forward and backward of every chunked layer, in float64, on a batch of 6."""
     x = rng.standard_normal((6, 16, 16, 8))

@@ -10,6 +10,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.parallel import one_blas_thread
 
 
 class LabelEmbedding(Module):
@@ -27,5 +28,6 @@ class LabelEmbedding(Module):
         (labels,) = self.saved()
         xp = get_array_module(dout)
         onehot = xp.eye(self.weight.data.shape[0], dtype=dout.dtype)[labels]
-        self.weight.grad += onehot.T @ dout
+        with one_blas_thread():  # a small product: see parallel.py for why not on BLAS's threads
+            self.weight.grad += onehot.T @ dout
         return None

@@ -41,7 +41,7 @@ about 1e-15, and in float32 they are about as accurate as im2col's.
 
 import numpy as np
 
-from tinyddpm.nn.parallel import map_chunks
+from tinyddpm.nn.parallel import map_chunks, one_blas_thread
 
 # Pixels per chunk. A chunk holds about (4 C + 3 OC) numbers per pixel (padded input, its
 # row transform, one grid row of V, and three arrays of the output's size), a few MB.
@@ -57,7 +57,8 @@ def filter_transform(w, dtype):
     """``U = G g G^T`` of every channel pair of ``w`` (OC, C, 3, 3): (4, 4, C, OC) in ``dtype``."""
     OC, C = w.shape[:2]
     taps = w.transpose(2, 3, 1, 0).reshape(9, C * OC).astype(dtype, copy=False)
-    return (TAPS_TO_POINTS.astype(dtype) @ taps).reshape(4, 4, C, OC)
+    with one_blas_thread():
+        return (TAPS_TO_POINTS.astype(dtype) @ taps).reshape(4, 4, C, OC)
 
 
 def input_transform(d, out):
@@ -179,5 +180,6 @@ def correlate_3x3_weight_grad(x, dout):
         return du
 
     du = sum(map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS))
-    taps = TAPS_TO_POINTS.T.astype(dtype) @ du.reshape(16, C * OC)
+    with one_blas_thread():
+        taps = TAPS_TO_POINTS.T.astype(dtype) @ du.reshape(16, C * OC)
     return taps.reshape(3, 3, C, OC).transpose(3, 2, 0, 1)
