@@ -101,3 +101,17 @@ def test_forward_without_grad_gives_the_same_output(make):
     with no_grad():
         without = layer(x)
     np.testing.assert_array_equal(without, with_grad)
+
+
+def test_scratch_reuses_a_buffer_per_thread_and_name():
+    a = parallel.scratch("test a", (4, 5), np.float32)
+    assert a.shape == (4, 5) and a.dtype == np.float32
+    assert np.shares_memory(parallel.scratch("test a", (2, 3), np.float64), a)  # smaller: same memory
+    assert not np.shares_memory(parallel.scratch("test b", (4, 5), np.float32), a)
+    bigger = parallel.scratch("test a", (100, 100), np.float32)
+    assert bigger.shape == (100, 100) and not np.shares_memory(bigger, a)  # grown
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as other:
+        theirs = other.submit(parallel.scratch, "test a", (100, 100), np.float32).result()
+    assert not np.shares_memory(theirs, bigger)

@@ -86,3 +86,38 @@ def test_full_network_check_names_a_broken_block(monkeypatch):
     assert "all" in failed or "fc1" in failed or "fc2" in failed
     assert {"fc1", "fc2"} & failed  # the time MLP receives the corrupted sum
     assert not {"r1", "r14", "conv_out"} & failed
+
+
+def test_prepared_weights_are_made_once_inside_frozen_weights_only():
+    from tinyddpm.nn.module import frozen_weights, prepared_weight
+
+    made = []
+
+    def double(w):
+        made.append(w)
+        return 2 * w
+
+    w = np.ones(3)
+    with frozen_weights():
+        first = prepared_weight(w, "double", double)
+        assert prepared_weight(w, "double", double) is first and len(made) == 1
+        prepared_weight(w.copy(), "double", double)  # another array: made anew
+        assert len(made) == 2
+    prepared_weight(w, "double", double)  # outside the block nothing is kept
+    assert len(made) == 3
+
+
+@pytest.mark.parametrize("channels", [8, 128])  # im2col, and Winograd from 128 channels
+def test_frozen_weights_give_the_same_outputs_and_see_a_replaced_weight(channels):
+    from tinyddpm.nn import Conv2d, frozen_weights, no_grad
+
+    rng = np.random.default_rng(0)
+    conv = Conv2d(channels, 4, 3, rng=rng, dtype=np.float64)
+    x = rng.standard_normal((2, 6, 6, channels))
+    with no_grad():
+        expected = conv(x)
+        with frozen_weights():
+            assert np.array_equal(conv(x), expected) and np.array_equal(conv(x), expected)
+            conv.weight.data = rng.standard_normal(conv.weight.data.shape)  # a new array is seen
+            changed = conv(x)
+        assert np.array_equal(conv(x), changed) and not np.allclose(changed, expected)

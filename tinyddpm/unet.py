@@ -80,7 +80,7 @@ class ResBlock(Module):
         self.conv1 = Conv2d(in_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.emb_norm = GroupNorm(groups, emb_dim, dtype=dtype)
         self.emb_fc = Linear(emb_dim, out_channels, rng=rng, dtype=dtype)
-        self.add_emb = BroadcastAdd()
+        self.add_emb = BroadcastAdd(inplace=True)  # into conv1's output
         self.norm2 = GroupNorm(groups, out_channels, dtype=dtype)
         self.act2 = Swish()
         self.conv2 = Conv2d(out_channels, out_channels, 3, rng=rng, dtype=dtype)
@@ -91,7 +91,9 @@ class ResBlock(Module):
         h = self.conv1(self.act1(n))
         h = self.add_emb(h, self.emb_fc(self.emb_norm(emb)))
         h = self.conv2(self.act2(self.norm2(h)))
-        return h + self.skip(n)
+        out = self.skip(n)
+        out += h  # in place: the skip conv's output is this block's own
+        return out
 
     def backward(self, dout):
         dn = self.skip.backward(dout)
@@ -116,8 +118,9 @@ class AttentionBlock(SelfAttention):
     def forward(self, x):
         B, H, W, C = x.shape
         n = self.norm(x)
-        a = super().forward(n.reshape(B, H * W, C))
-        return n + a.reshape(B, H, W, C)
+        a = super().forward(n.reshape(B, H * W, C)).reshape(B, H, W, C)
+        a += n  # in place: the output projection's result is this block's own
+        return a
 
     def backward(self, dout):
         B, H, W, C = dout.shape

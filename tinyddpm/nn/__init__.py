@@ -16,11 +16,11 @@ from tinyddpm.nn.group_norm import GroupNorm
 from tinyddpm.nn.label_embedding import LabelEmbedding
 from tinyddpm.nn.linear import Linear
 from tinyddpm.nn.loss import MSELoss
-from tinyddpm.nn.module import Module, Parameter, no_grad
+from tinyddpm.nn.module import Module, Parameter, frozen_weights, no_grad
 from tinyddpm.nn.pooling import GlobalAvgPool
 
 __all__ = [
     "BroadcastAdd", "Concat", "Conv2d", "ConvTranspose2d", "GlobalAvgPool", "GroupNorm",
     "LabelEmbedding", "Linear", "MSELoss", "Module", "Parameter", "ScaledDotProductAttention",
-    "SelfAttention", "SinusoidalEmbedding", "SoftmaxCrossEntropy", "Swish", "no_grad",
+    "SelfAttention", "SinusoidalEmbedding", "SoftmaxCrossEntropy", "Swish", "frozen_weights", "no_grad",
 ]

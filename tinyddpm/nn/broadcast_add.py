@@ -10,10 +10,18 @@ class BroadcastAdd(Module):
     """``h + e`` broadcast over the pixels; backward gives ``(dh, de)``.
 
     ``dh`` is ``dout`` itself, not a copy: like every incoming gradient it is read-only.
+    With ``inplace=True`` forward adds into ``h`` and returns it, sparing an
+    activation-sized array; for an ``h`` that nothing else reads, such as a conv's output.
     """
+
+    def __init__(self, inplace=False):
+        self.inplace = inplace
 
     def forward(self, h, e):
         self.save_for_backward(h.shape)
+        if self.inplace:
+            h += e[:, None, None, :]
+            return h
         return h + e[:, None, None, :]
 
     def backward(self, dout):

@@ -43,8 +43,8 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
-from tinyddpm.nn.module import Module, Parameter
-from tinyddpm.nn.parallel import map_chunks
+from tinyddpm.nn.module import Module, Parameter, prepared_weight
+from tinyddpm.nn.parallel import map_chunks, scratch
 from tinyddpm.nn.winograd import correlate_3x3, correlate_3x3_weight_grad
 
 WINOGRAD_MIN_CHANNELS = 128  # correlate: input channels
@@ -58,19 +58,24 @@ def same_padding(size, kernel, stride):
     return total // 2, total - total // 2
 
 
-def pad_hw(x, pad_h, pad_w):
-    """Zero-pad the H and W axes of ``x`` (N, H, W, C) by ``(before, after)`` pairs."""
+def pad_hw(x, pad_h, pad_w, out=None):
+    """Zero-pad the H and W axes of ``x`` (N, H, W, C) by ``(before, after)`` pairs, into ``out`` if given."""
     if pad_h == (0, 0) and pad_w == (0, 0):
         return x
     xp = get_array_module(x)
     N, H, W, C = x.shape
-    out = xp.zeros((N, H + sum(pad_h), W + sum(pad_w), C), dtype=x.dtype)
+    Hp, Wp = H + sum(pad_h), W + sum(pad_w)
+    if out is None:
+        out = xp.zeros((N, Hp, Wp, C), dtype=x.dtype)
+    else:  # only the border needs zeros
+        out[:, :pad_h[0]] = out[:, Hp - pad_h[1]:] = 0
+        out[:, :, :pad_w[0]] = out[:, :, Wp - pad_w[1]:] = 0
     out[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W] = x
     return out
 
 
-def im2col(xpad, KH, KW, stride):
-    """Patches of the padded input ``xpad`` (N, Hp, Wp, C) as rows (N*OH*OW, KH*KW*C).
+def im2col(xpad, KH, KW, stride, out=None):
+    """Patches of the padded input ``xpad`` (N, Hp, Wp, C) as rows (N*OH*OW, KH*KW*C), into ``out`` if given.
 
     Row ``(n, i, j)`` holds ``xpad[n, s*i + a, s*j + b, c]`` at column ``(a, b, c)``.
     """
@@ -82,7 +87,10 @@ def im2col(xpad, KH, KW, stride):
     patches = xp.lib.stride_tricks.as_strided(
         xpad, shape=(N, OH, OW, KH, KW, C),
         strides=(sN, stride * sH, stride * sW, sH, sW, sC))
-    return patches.reshape(N * OH * OW, KH * KW * C)  # the copy happens here
+    if out is None:
+        return patches.reshape(N * OH * OW, KH * KW * C)  # the copy happens here
+    xp.copyto(out.reshape(patches.shape), patches)
+    return out
 
 
 def col2im(cols, padded_shape, KH, KW, stride):
@@ -109,13 +117,20 @@ def weight_matrix(w):
 
 
 def columns(x, KH, KW, stride, padding):
-    """``cols`` of ``x`` (N, H, W, C) zero-padded by ``padding``; a 1x1 stride-1 conv needs no copy."""
+    """``cols`` of ``x`` (N, H, W, C) zero-padded by ``padding``; a 1x1 stride-1 conv needs no copy.
+
+    On NumPy the padded input and ``cols`` are the calling thread's scratch arrays
+    (``parallel.scratch``): valid until its next chunk, so they never leave the chunk.
+    """
     N, H, W, C = x.shape
     if KH == KW == stride == 1 and padding == ((0, 0), (0, 0)):
         return x.reshape(N * H * W, C)
     if get_array_module(x) is not np:
         return fused.im2col(x, KH, KW, stride, padding)  # one kernel, no padded copy
-    return im2col(pad_hw(x, *padding), KH, KW, stride)
+    Hp, Wp = H + sum(padding[0]), W + sum(padding[1])
+    xpad = pad_hw(x, *padding, out=scratch("conv padded input", (N, Hp, Wp, C), x.dtype))
+    rows = N * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
+    return im2col(xpad, KH, KW, stride, out=scratch("conv columns", (rows, KH * KW * C), x.dtype))
 
 
 def winograd_fits(x, KH, KW, stride, padding):
@@ -147,7 +162,7 @@ def correlate_im2col(x, w, stride, padding):
     OC, _, KH, KW = w.shape
     OH = (H + sum(padding[0]) - KH) // stride + 1
     OW = (W + sum(padding[1]) - KW) // stride + 1
-    w_matrix = xp.ascontiguousarray(weight_matrix(w))
+    w_matrix = prepared_weight(w, "matrix", lambda w: xp.ascontiguousarray(weight_matrix(w)))
     out = xp.empty((N, OH, OW, OC), dtype=xp.result_type(x, w))
 
     def chunk(start, stop):
@@ -189,7 +204,7 @@ def correlate_input_grad(dout, w, x_shape, stride):
         # flipped kernel, over dout padded by the mirror image of the forward padding.
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, OC, KH, KW)
         return correlate(dout, flipped, 1, (pad_h[::-1], pad_w[::-1]))
-    w_matrix_t = xp.ascontiguousarray(weight_matrix(w).T)
+    w_matrix_t = prepared_weight(w, "matrix transposed", lambda w: xp.ascontiguousarray(weight_matrix(w).T))
     padded_shape = (H + sum(pad_h), W + sum(pad_w), C)
     dx = xp.empty(x_shape, dtype=xp.result_type(dout, w))
 

@@ -37,6 +37,39 @@ def grad_enabled():
     return _grad_enabled
 
 
+_frozen = None  # (id(weight), form) -> (weight, prepared array), inside frozen_weights()
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Run a block in which no weight changes, such as the steps of a sampler.
+
+    Inside it, :func:`prepared_weight` computes each weight's derived form (a conv's
+    weight matrix, its Winograd filter transform) once and reuses it on later calls.
+    Changing a weight in place inside the block would leave the old form in use.
+    """
+    global _frozen
+    if _frozen is not None:  # nested: the outer block's cache serves
+        yield
+        return
+    _frozen = {}
+    try:
+        yield
+    finally:
+        _frozen = None
+
+
+def prepared_weight(weight, form, make):
+    """``make(weight)``, made once per weight array and ``form`` inside :func:`frozen_weights`."""
+    if _frozen is None:
+        return make(weight)
+    entry = _frozen.get((id(weight), form))
+    if entry is None or entry[0] is not weight:
+        # The entry holds the weight, so its id cannot pass to another array meanwhile.
+        entry = _frozen[id(weight), form] = (weight, make(weight))
+    return entry[1]
+
+
 class Parameter:
     """A trainable array ``data`` and the gradient ``grad`` accumulated into it."""
 

@@ -23,6 +23,11 @@ batch 128 about 17% shorter and a 16-image sampling step about 30% shorter. The
 limit is set around each call (some microseconds) rather than for the process, so
 that the caller's own products keep all BLAS threads.
 
+A chunk's temporaries (a conv's patch matrix, Winograd's transformed tiles) come
+from :func:`scratch`, one buffer per thread that the next chunk reuses. glibc's
+malloc, as it comes, gives big freed blocks back to the kernel, so a fresh array
+for every chunk would be faulted in page by page each time.
+
 On CuPy the GPU runs a whole chunk at once, so chunks run one after another
 and exist only to bound memory: work on images (``rows_per_item`` > 1) is split
 into chunks of at most ``GPU_CHUNK_ROWS`` pixels, which keeps a convolution's
@@ -33,7 +38,9 @@ thread on the CPU, is one call of ``fn`` on the whole range. The thread count is
 """
 
 import contextlib
+import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -50,6 +57,7 @@ GPU_CHUNK_ROWS = 1 << 15
 
 _pool = None
 _blas = None
+_thread_state = threading.local()
 
 
 def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
@@ -96,6 +104,22 @@ def map_chunks(fn, n, xp, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_R
             _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinyddpm")
         futures = [_pool.submit(fn, start, stop) for start, stop in bounds]
         return [future.result() for future in futures]
+
+
+def scratch(name, shape, dtype):
+    """A work array of ``shape`` and ``dtype`` (NumPy) for the calling thread, uninitialised.
+
+    The thread's next request under the same ``name`` reuses the memory, so the array is
+    good for the chunk that asked for it: use it inside one chunk and never return it.
+    Different temporaries of one chunk need different names.
+    """
+    buffers = _thread_state.__dict__.setdefault("buffers", {})
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = buffers.get(name)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = buffers[name] = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def map_elementwise(fn, *arrays):

@@ -25,12 +25,13 @@ V[k, l]^T @ DY[k, l]`` with ``DY = A dy A^T`` the transformed output gradient
 of each tile, summed over the tiles by the product itself, and then
 ``dg = G^T dU G``.
 
-The filter transforms happen once per call. The rest runs chunk by chunk over
-the batch on all cores (``parallel.py``), as in-place ufuncs over strided
-views with no Python loop over pixels. Every transform is separable: it is
-applied to the tile rows (stride-2 slices of the image rows), then to the tile
-columns, one grid row k at a time, so that only one row of V and of M exists
-at once. The forward pass adds each row's products straight into ``A^T M``,
+The filter transforms happen once per call (once per sampling run: see
+``module.frozen_weights``). The rest runs chunk by chunk over the batch on all
+cores (``parallel.py``), as in-place ufuncs over strided views with no Python
+loop over pixels, in the thread's scratch arrays (``parallel.scratch``), which
+the next chunk reuses. Every transform is separable: it is applied to the
+tile rows (stride-2 slices of the image rows), then to the tile columns, one
+grid row k at a time, so that only one row of V and of M exists at once. The forward pass adds each row's products straight into ``A^T M``,
 then writes the 2x2 tiles into the output as four stride-2 views
 ``out[:, i::2, j::2]``; the weight gradient returns one partial ``dU`` per chunk.
 
@@ -41,7 +42,8 @@ about 1e-15, and in float32 they are about as accurate as im2col's.
 
 import numpy as np
 
-from tinyddpm.nn.parallel import map_chunks, one_blas_thread
+from tinyddpm.nn.module import prepared_weight
+from tinyddpm.nn.parallel import map_chunks, one_blas_thread, scratch
 
 # Pixels per chunk. A chunk holds about (4 C + 3 OC) numbers per pixel (padded input, its
 # row transform, one grid row of V, and three arrays of the output's size), a few MB.
@@ -98,13 +100,13 @@ def padded_input_rows(x, dtype):
     :func:`transformed_input` long.
     """
     n, H, W, C = x.shape
-    xpad = np.empty((n, H + 2, 2, W // 2 + 1, C), dtype=dtype)
+    xpad = scratch("winograd padded input", (n, H + 2, 2, W // 2 + 1, C), dtype)
     xpad[:, [0, -1]] = 0
     xpad[:, :, 0, 0] = 0
     xpad[:, :, 1, -1] = 0
     xpad[:, 1:-1, 0, 1:] = x[:, :, 1::2]
     xpad[:, 1:-1, 1, :-1] = x[:, :, 0::2]
-    rows = np.empty((4, n, H // 2, 2, W // 2 + 1, C), dtype=dtype)
+    rows = scratch("winograd input rows", (4, n, H // 2, 2, W // 2 + 1, C), dtype)
     input_transform([xpad[:, i:i + H:2] for i in range(4)], rows)
     return rows
 
@@ -120,13 +122,13 @@ def correlate_3x3(x, w):
     N, H, W, C = x.shape
     OC = w.shape[0]
     dtype = np.result_type(x, w)
-    u = filter_transform(w, dtype)
+    u = prepared_weight(w, ("winograd", dtype), lambda w: filter_transform(w, dtype))
     out = np.empty((N, H, W, OC), dtype=dtype)
 
     def chunk(start, stop):
         tiles = (stop - start, H // 2, W // 2)
         rows = padded_input_rows(x[start:stop], dtype)
-        v = np.empty((4, *tiles, C), dtype=dtype)
+        v = scratch("winograd V", (4, *tiles, C), dtype)
 
         def products(k, into):
             """``M[k, 0..3] = V[k, l] @ U[k, l]`` into ``into`` (4, tiles, OC)."""
@@ -135,7 +137,7 @@ def correlate_3x3(x, w):
 
         # A^T M over the grid rows, added up as each row k of products comes:
         # s0 = M[0] + M[1] + M[2] and s1 = M[1] - M[2] - M[3].
-        s0, s1, m = np.empty((3, 4, np.prod(tiles), OC), dtype=dtype)
+        s0, s1, m = scratch("winograd M", (3, 4, np.prod(tiles), OC), dtype)
         products(0, s0)
         products(1, s1)
         s0 += s1
@@ -168,10 +170,10 @@ def correlate_3x3_weight_grad(x, dout):
         tiles = (stop - start, H // 2, W // 2)
         rows = padded_input_rows(x[start:stop], dtype)
         # A dy, the row half of A dy A^T: tile row p of the output gradient is its rows 2p + i.
-        grad_rows = np.empty((4, *tiles[:2], W, OC), dtype=dtype)
+        grad_rows = scratch("winograd gradient rows", (4, *tiles[:2], W, OC), dtype)
         gradient_transform([dout[start:stop, i::2] for i in range(2)], grad_rows)
-        v = np.empty((4, *tiles, C), dtype=dtype)
-        dy = np.empty((4, *tiles, OC), dtype=dtype)
+        v = scratch("winograd V", (4, *tiles, C), dtype)
+        dy = scratch("winograd DY", (4, *tiles, OC), dtype)
         du = np.empty((4, 4, C, OC), dtype=dtype)
         for k in range(4):
             transformed_input(rows[k], v)
