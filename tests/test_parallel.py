@@ -1,5 +1,6 @@
 """The chunked, threaded path gives the same layers as one whole-batch call."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -101,6 +102,20 @@ def test_forward_without_grad_gives_the_same_output(make):
     with no_grad():
         without = layer(x)
     np.testing.assert_array_equal(without, with_grad)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_inplace_swish_writes_over_its_input_and_changes_nothing_else(grad):
+    x = np.random.default_rng(4).standard_normal((6, 16, 16, 8))
+    dout = np.random.default_rng(5).standard_normal(x.shape)
+    copying, inplace = Swish(), Swish(inplace=True)
+    x_inplace = x.copy()
+    with contextlib.nullcontext() if grad else no_grad():
+        expected, out = copying(x), inplace(x_inplace)
+    assert out is x_inplace
+    np.testing.assert_array_equal(out, expected)
+    if grad:
+        np.testing.assert_array_equal(inplace.backward(dout), copying.backward(dout))
 
 
 def test_scratch_reuses_a_buffer_per_thread_and_name():

@@ -82,7 +82,7 @@ class ResBlock(Module):
         self.emb_fc = Linear(emb_dim, out_channels, rng=rng, dtype=dtype)
         self.add_emb = BroadcastAdd(inplace=True)  # into conv1's output
         self.norm2 = GroupNorm(groups, out_channels, dtype=dtype)
-        self.act2 = Swish()
+        self.act2 = Swish(inplace=True)  # over norm2's output, which only it reads
         self.conv2 = Conv2d(out_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.skip = Conv2d(in_channels, out_channels, 1, rng=rng, dtype=dtype)
 
@@ -149,7 +149,7 @@ class UNet(Module):
         # float64 encoding, cast to the weights' dtype in forward (which astype() may change)
         self.sinusoid = SinusoidalEmbedding(config.sinusoid_dim, dtype=np.float64)
         self.fc1 = Linear(config.sinusoid_dim, E, rng=rng, dtype=dtype)
-        self.time_act = Swish()
+        self.time_act = Swish(inplace=True)
         self.fc2 = Linear(E, E, rng=rng, dtype=dtype)
         if config.num_classes:
             # Row num_classes is the "no label" embedding, which classifier-free guidance
@@ -176,7 +176,7 @@ class UNet(Module):
         self.r14, self.cat14 = res(2 * c1, c1), Concat()
         self.cat_out = Concat()
         self.norm_out = GroupNorm(G, 2 * c1, dtype=dtype)
-        self.act_out = Swish()
+        self.act_out = Swish(inplace=True)
         self.conv_out = Conv2d(2 * c1, config.channels, 3, rng=rng, dtype=dtype)
 
     @property

@@ -11,8 +11,9 @@ With ``s = sigmoid(x)`` the derivative is ``s * (1 + x * (1 - s))``, which is
 ``s + out * (1 - s)``: backward needs ``s`` and the output only. The output is
 also what the next layer keeps for its own backward, so saving it costs no
 memory, and the input can be freed (one activation fewer per Swish).
-Both directions run in place, chunk by chunk on all cores (see ``parallel.py``), or
-as one fused kernel each on the GPU (``fused.py``).
+Without grad (sampling) no sigmoid is kept: each chunk's lives in a small scratch
+buffer. Both directions run chunk by chunk on all cores (see ``parallel.py``),
+or as one fused kernel each on the GPU (``fused.py``).
 """
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
 from tinyddpm.nn.module import Module, grad_enabled
-from tinyddpm.nn.parallel import map_elementwise
+from tinyddpm.nn.parallel import map_elementwise, scratch
 
 
 def sigmoid(x, out=None):
@@ -35,7 +36,14 @@ def sigmoid(x, out=None):
 
 
 class Swish(Module):
-    """``x * sigmoid(x)`` element-wise. Shapes: x (any) -> out (same)."""
+    """``x * sigmoid(x)`` element-wise. Shapes: x (any) -> out (same).
+
+    With ``inplace=True`` the output is written over ``x`` (on NumPy, when ``x`` is
+    contiguous), for an ``x`` that nothing else reads, such as a GroupNorm's output.
+    """
+
+    def __init__(self, inplace=False):
+        self.inplace = inplace
 
     def forward(self, x):
         xp = get_array_module(x)
@@ -43,16 +51,23 @@ class Swish(Module):
             s, out = fused.swish_forward(x)
             self.save_for_backward(s, out)
             return out
-        out = xp.empty_like(x, order="C")
-        # Sampling keeps no sigmoid: it is built in the output's memory, one array fewer.
-        s = xp.empty_like(x, order="C") if grad_enabled() else out
+        out = x if self.inplace and x.flags.c_contiguous else xp.empty_like(x, order="C")
+        if grad_enabled():
+            s = xp.empty_like(x, order="C")
 
-        def chunk(x, s, out):
-            sigmoid(x, out=s)
-            xp.multiply(x, s, out=out)
+            def chunk(x, s, out):
+                sigmoid(x, out=s)
+                xp.multiply(x, s, out=out)
 
-        map_elementwise(chunk, x, s, out)
-        self.save_for_backward(s, out)
+            map_elementwise(chunk, x, s, out)
+            self.save_for_backward(s, out)
+            return out
+
+        def chunk_without_grad(x, out):
+            s = scratch("swish sigmoid", x.shape, x.dtype)  # a chunk's worth, in cache
+            xp.multiply(x, sigmoid(x, out=s), out=out)
+
+        map_elementwise(chunk_without_grad, x, out)
         return out
 
     def backward(self, dout):

@@ -66,8 +66,7 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
         xp.subtract(x_c, mean_c, out=out_c)
         xp.sqrt(_group_mean(_channel_dot(out_c, out_c), G, count) + eps, out=inv_std_c)
         xp.divide(1.0, inv_std_c, out=inv_std_c)
-        out_c *= inv_std_c  # xhat
-        out_c *= gamma
+        out_c *= inv_std_c * gamma  # xhat * gamma, in one pass
         out_c += beta
 
     map_chunks(chunk, N, xp, rows_per_item=L)
