@@ -52,22 +52,15 @@ class Swish(Module):
             self.save_for_backward(s, out)
             return out
         out = x if self.inplace and x.flags.c_contiguous else xp.empty_like(x, order="C")
-        if grad_enabled():
-            s = xp.empty_like(x, order="C")
+        # Backward needs the sigmoid; without grad each chunk's lives in a small scratch buffer.
+        s = xp.empty_like(x, order="C") if grad_enabled() else None
 
-            def chunk(x, s, out):
-                sigmoid(x, out=s)
-                xp.multiply(x, s, out=out)
-
-            map_elementwise(chunk, x, s, out)
-            self.save_for_backward(s, out)
-            return out
-
-        def chunk_without_grad(x, out):
-            s = scratch("swish sigmoid", x.shape, x.dtype)  # a chunk's worth, in cache
+        def chunk(x, out, s=None):
+            s = scratch("swish sigmoid", x.shape, x.dtype) if s is None else s
             xp.multiply(x, sigmoid(x, out=s), out=out)
 
-        map_elementwise(chunk_without_grad, x, out)
+        map_elementwise(chunk, x, out, *(() if s is None else (s,)))
+        self.save_for_backward(s, out)
         return out
 
     def backward(self, dout):

@@ -64,7 +64,7 @@ def prepared_weight(weight, form, make):
     if _frozen is None:
         return make(weight)
     entry = _frozen.get((id(weight), form))
-    if entry is None or entry[0] is not weight:
+    if entry is None:
         # The entry holds the weight, so its id cannot pass to another array meanwhile.
         entry = _frozen[id(weight), form] = (weight, make(weight))
     return entry[1]

@@ -31,9 +31,10 @@ cores (``parallel.py``), as in-place ufuncs over strided views with no Python
 loop over pixels, in the thread's scratch arrays (``parallel.scratch``), which
 the next chunk reuses. Every transform is separable: it is applied to the
 tile rows (stride-2 slices of the image rows), then to the tile columns, one
-grid row k at a time, so that only one row of V and of M exists at once. The forward pass adds each row's products straight into ``A^T M``,
-then writes the 2x2 tiles into the output as four stride-2 views
-``out[:, i::2, j::2]``; the weight gradient returns one partial ``dU`` per chunk.
+grid row k at a time, so that only one row of V and of M exists at once. The
+forward pass adds each row's products straight into ``A^T M``, then writes the
+2x2 tiles into the output as four stride-2 views ``out[:, i::2, j::2]``; the
+weight gradient returns one partial ``dU`` per chunk.
 
 The entries of B, G and A are 0, +-1 and +-1/2, so the transforms only add
 the rounding of a few additions: in float64 the results equal im2col's to
