@@ -1,10 +1,11 @@
-"""Where a tinyddpm training step spends its time, layer by layer.
+"""Where a tinyddpm training or sampling step spends its time, layer by layer.
 
-    python -m bench.profile_layers [--device cpu|gpu] [--batch B] [--steps N] [--threads N]
-                                   [--out bench/results/NAME.json]
+    python -m bench.profile_layers [--device cpu|gpu] [--phase train|sample] [--batch B]
+                                   [--steps N] [--threads N] [--out bench/results/NAME.json]
 
 One training step of the example network (float32, batch 128 by default) after one warm-up
-step. Every Module *instance* of the network (and the loss) gets its ``forward`` and
+step, or with ``--phase sample`` one sampler forward pass (``no_grad``, all steps inside one
+``frozen_weights()`` block, as ``sample()`` runs them). Every Module *instance* of the network (and the loss) gets its ``forward`` and
 ``backward`` wrapped by a timer stored as an instance attribute, which shadows the class's
 method for that object only: nothing is patched at module or class level, and the wrappers go
 away with the model. Calls nest (a residual block calls its convs), so each record keeps both
@@ -22,6 +23,7 @@ Tables printed:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,7 +35,7 @@ import numpy as np
 
 from tinyddpm.backend import array_module
 from tinyddpm.diffusion import linear_schedule
-from tinyddpm.nn import Module, MSELoss
+from tinyddpm.nn import Module, MSELoss, frozen_weights, no_grad
 from tinyddpm.optim import Adam
 from tinyddpm.train import train_step
 from tinyddpm.unet import UNet, preset
@@ -90,7 +92,7 @@ class LayerTimer:
         self.records.clear()
 
 
-def profile(device, batch, steps):
+def profile(device, phase, batch, steps):
     xp = array_module(device)
     sync = (lambda: xp.cuda.Device().synchronize()) if xp is not np else (lambda: None)
     model = UNet(preset("example"), rng=np.random.default_rng(0), dtype=np.float32).to(xp)
@@ -109,20 +111,23 @@ def profile(device, batch, steps):
     model.zero_grad = timer._wrap(model.zero_grad, "zero_grad", "step")
 
     def one_step():
-        return timer.time_call("train_step", "step", train_step,
-                               model, optimizer, loss_fn, schedule, x0, t, noise)
+        if phase == "sample":
+            with no_grad():
+                return timer.time_call("step", "step", model, noise, t)
+        return timer.time_call("step", "step", train_step, model, optimizer, loss_fn, schedule, x0, t, noise)
 
-    one_step()  # warm-up
-    timer.reset()
-    for _ in range(steps):
-        one_step()
+    with frozen_weights() if phase == "sample" else contextlib.nullcontext():
+        one_step()  # warm-up
+        timer.reset()
+        for _ in range(steps):
+            one_step()
     return timer
 
 
 def tables(timer, steps):
     """Per layer type, per block and top instances, in seconds per step."""
     records, kinds = timer.records, timer.kinds
-    step_total = records["train_step", "step"]["total"] / steps
+    step_total = records["step", "step"]["total"] / steps
 
     def self_time(name, phase):
         return records[name, phase]["self"] / steps if (name, phase) in records else 0.0
@@ -155,11 +160,11 @@ def tables(timer, steps):
     return step_total, dict(by_type), blocks, instances
 
 
-def print_tables(step_total, by_type, blocks, instances, top):
+def print_tables(phase, step_total, by_type, blocks, instances, top):
     def line(cells, widths):
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
 
-    print(f"training step: {step_total:.3f} s\n")
+    print(f"{'training step' if phase == 'train' else 'sampler forward pass'}: {step_total:.3f} s\n")
     widths = (25, 9, 10, 10, 10, 7)
     line(("layer type (self time)", "instances", "forward s", "backward s", "total s", "share"), widths)
     for kind, r in sorted(by_type.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"])):
@@ -188,7 +193,9 @@ def print_tables(step_total, by_type, blocks, instances, top):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--batch", type=int, default=128, help="training batch (default 128)")
+    parser.add_argument("--phase", choices=("train", "sample"), default="train",
+                        help="a training step, or a sampler's forward pass (default train)")
+    parser.add_argument("--batch", type=int, default=128, help="batch (default 128)")
     parser.add_argument("--steps", type=int, default=1, help="profiled steps after the warm-up (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="BLAS threads (default: os.cpu_count())")
@@ -199,14 +206,15 @@ def main(argv=None):
     from threadpoolctl import threadpool_info, threadpool_limits
 
     threadpool_limits(limits=args.threads)
-    timer = profile(args.device, args.batch, args.steps)
+    timer = profile(args.device, args.phase, args.batch, args.steps)
     step_total, by_type, blocks, instances = tables(timer, args.steps)
-    print_tables(step_total, by_type, blocks, instances, args.top)
+    print_tables(args.phase, step_total, by_type, blocks, instances, args.top)
 
-    out = Path(args.out or f"bench/results/profile_layers_{args.device}.json")
+    suffix = "" if args.phase == "train" else f"_sample_b{args.batch}"
+    out = Path(args.out or f"bench/results/profile_layers_{args.device}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "config": {"device": args.device, "batch": args.batch, "steps": args.steps,
+        "config": {"device": args.device, "phase": args.phase, "batch": args.batch, "steps": args.steps,
                    "threads": args.threads, "network": "example", "dtype": "float32"},
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
                  for lib in threadpool_info()],

@@ -95,18 +95,18 @@ def test_conv2d_forward_and_backward_match_im2col(monkeypatch, winograd_calls):
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding, expected", [
-    ((2, 8, 6, 128), (128, 128, 3, 3), 1, None, True),
-    ((2, 8, 6, 128), (128, 128, 3, 3), 1, SAME, True),
-    ((2, 8, 6, 128), (1, 128, 3, 3), 1, SAME, True),  # any number of output channels
-    ((2, 8, 6, 127), (128, 127, 3, 3), 1, SAME, False),  # too few input channels
-    ((2, 8, 6, 128), (128, 128, 3, 3), 2, None, False),
-    ((2, 8, 6, 128), (128, 128, 1, 1), 1, None, False),
-    ((2, 7, 6, 128), (128, 128, 3, 3), 1, None, False),  # odd H
-    ((2, 8, 5, 128), (128, 128, 3, 3), 1, None, False),  # odd W
-    ((2, 8, 6, 128), (128, 128, 3, 3), 1, ((0, 2), (1, 1)), False),
+    ((2, 8, 6, 64), (64, 64, 3, 3), 1, None, True),
+    ((2, 8, 6, 64), (64, 64, 3, 3), 1, SAME, True),
+    ((2, 8, 6, 64), (1, 64, 3, 3), 1, SAME, True),  # any number of output channels
+    ((2, 8, 6, 63), (64, 63, 3, 3), 1, SAME, False),  # too few input channels
+    ((2, 8, 6, 64), (64, 64, 3, 3), 2, None, False),
+    ((2, 8, 6, 64), (64, 64, 1, 1), 1, None, False),
+    ((2, 7, 6, 64), (64, 64, 3, 3), 1, None, False),  # odd H
+    ((2, 8, 5, 64), (64, 64, 3, 3), 1, None, False),  # odd W
+    ((2, 8, 6, 64), (64, 64, 3, 3), 1, ((0, 2), (1, 1)), False),
 ])
 def test_correlate_dispatch(winograd_calls, x_shape, w_shape, stride, padding, expected):
-    assert conv.WINOGRAD_MIN_CHANNELS == 128
+    assert conv.WINOGRAD_MIN_CHANNELS == 64
     rng = np.random.default_rng(3)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     out = conv.correlate(x, w, stride, padding)

@@ -26,8 +26,9 @@ transform tiles, so it only pays with enough channels. On the 2-core machine
 this was measured on (batch 128, the example network's shapes):
 
 - the correlation (forward and input gradient) beats im2col by about 1.4x
-  (1.15-1.75x over runs) from 128 input channels up; at 64 (32x32 images) the
-  two came out even in some runs and apart by up to 1.2x either way in others;
+  (1.15-1.75x over runs) from 128 input channels up, and, since its temporaries
+  live in per-thread scratch buffers, by 1.35x (16 images) to 1.55x (128) at 64
+  channels on 32x32 images too (best of 30 calls each);
 - the weight gradient beats im2col by 1.25-2.2x when both channel counts are
   at least 64, and loses with 32 or fewer.
 
@@ -47,7 +48,7 @@ from tinyddpm.nn.module import Module, Parameter, prepared_weight
 from tinyddpm.nn.parallel import map_chunks, scratch
 from tinyddpm.nn.winograd import correlate_3x3, correlate_3x3_weight_grad
 
-WINOGRAD_MIN_CHANNELS = 128  # correlate: input channels
+WINOGRAD_MIN_CHANNELS = 64  # correlate: input channels
 WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 64  # correlate_weight_grad: input and output channels
 
 
