@@ -2,6 +2,8 @@
 
 import contextlib
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +32,30 @@ def test_map_chunks_returns_results_in_order(monkeypatch):
     out = parallel.map_chunks(lambda start, stop: list(range(start, stop)), 1000, np, min_rows=1)
     assert len(out) > 1
     assert list(itertools.chain(*out)) == list(range(1000))
+
+
+def test_chunks_run_on_several_threads_and_the_caller_is_one(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 3)
+
+    def chunk(start, stop):
+        time.sleep(0.002)  # lets the other threads take chunks meanwhile
+        return threading.get_ident()
+
+    threads = set(parallel.map_chunks(chunk, 1000, np, min_rows=1))
+    assert len(threads) > 1 and threading.get_ident() in threads
+
+
+def test_an_error_in_a_chunk_reaches_the_caller_and_the_pool_goes_on(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 3)
+
+    def chunk(start, stop):
+        if start >= 500:
+            raise ValueError(f"chunk at {start} failed")
+        return stop - start
+
+    with pytest.raises(ValueError, match="failed"):
+        parallel.map_chunks(chunk, 1000, np, min_rows=1)
+    assert sum(parallel.map_chunks(lambda start, stop: stop - start, 1000, np, min_rows=1)) == 1000
 
 
 def blas_threads():
