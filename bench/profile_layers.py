@@ -198,14 +198,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128, help="batch (default 128)")
     parser.add_argument("--steps", type=int, default=1, help="profiled steps after the warm-up (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="BLAS threads (default: os.cpu_count())")
+                        help="threads for tinyddpm's chunks and for BLAS (default: os.cpu_count())")
     parser.add_argument("--top", type=int, default=15, help="instances listed (default 15)")
     parser.add_argument("--out", help="JSON path (default bench/results/profile_layers_<device>.json)")
     args = parser.parse_args(argv)
 
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_info
 
-    threadpool_limits(limits=args.threads)
+    from bench.bench_step import limit_threads
+
+    limit_threads(args.threads, uses_torch=False)
     timer = profile(args.device, args.phase, args.batch, args.steps)
     step_total, by_type, blocks, instances = tables(timer, args.steps)
     print_tables(args.phase, step_total, by_type, blocks, instances, args.top)

@@ -44,6 +44,7 @@ thread on the CPU, is one call of ``fn`` on the whole range. The thread count is
 """
 
 import contextlib
+import itertools
 import math
 import os
 import queue
@@ -77,6 +78,28 @@ def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
     return [(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
 
 
+class _OneBlasThread:
+    """Sets every loaded BLAS to one thread, and back to its own setting on exit.
+
+    It talks to threadpoolctl's per-library controllers directly: its ``limit()``
+    context costs about 10 us, and a forward pass enters this some 200 times.
+    """
+
+    def __init__(self, libraries):
+        self.libraries = libraries
+
+    def __enter__(self):
+        self.saved = [(lib, lib.get_num_threads()) for lib in self.libraries]
+        for lib, threads in self.saved:
+            if threads != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, threads in self.saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
+
+
 def one_blas_thread():
     """A context in which BLAS runs on one thread (on a one-thread setup, BLAS is left alone)."""
     global _blas
@@ -85,8 +108,8 @@ def one_blas_thread():
     if _blas is None:
         from threadpoolctl import ThreadpoolController
 
-        _blas = ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=1)
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _OneBlasThread(_blas)
 
 
 class _Call:
@@ -96,21 +119,29 @@ class _Call:
         self.fn, self.bounds = fn, bounds
         self.results = [None] * len(bounds)
         self.error = None
-        self.finished = queue.SimpleQueue()  # one item per helper that has run out of chunks
-        self._next = iter(range(len(bounds)))  # next() on it is atomic under the GIL
+        self.finished = threading.Event()  # set by whichever thread completes the last chunk
+        # next() on these is atomic under the GIL
+        self._next = iter(range(len(bounds)))
+        self._completed = itertools.count(1)
 
     def work(self):
         for i in self._next:
-            if self.error is not None:
-                break
-            try:
-                self.results[i] = self.fn(*self.bounds[i])
-            except BaseException as error:  # raised again in the calling thread
-                self.error = error
+            if self.error is None:
+                try:
+                    self.results[i] = self.fn(*self.bounds[i])
+                except BaseException as error:  # raised again in the calling thread
+                    self.error = error
+            if next(self._completed) == len(self.bounds):
+                self.finished.set()
 
 
 class _Pool:
-    """Helper threads that join the calling thread on the chunks of each call."""
+    """Helper threads that join the calling thread on the chunks of each call.
+
+    The caller never waits for a helper as such, only for the last chunk: a helper
+    that wakes up after the caller has taken every chunk finds none left, and a small
+    call costs no wake-up at all.
+    """
 
     def __init__(self):
         self._inboxes = []
@@ -124,8 +155,7 @@ class _Pool:
         for inbox in self._inboxes[:helpers]:
             inbox.put(call)
         call.work()
-        for _ in range(helpers):
-            call.finished.get()
+        call.finished.wait()
         if call.error is not None:
             raise call.error
         return call.results
@@ -133,9 +163,7 @@ class _Pool:
     @staticmethod
     def _serve(inbox):
         while True:
-            call = inbox.get()
-            call.work()
-            call.finished.put(None)
+            inbox.get().work()
 
 
 def map_chunks(fn, n, xp, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
