@@ -17,6 +17,7 @@ from tinyddpm.nn import (
     Conv2d,
     ConvTranspose2d,
     GroupNorm,
+    GroupNormSwish,
     Linear,
     MSELoss,
     ScaledDotProductAttention,
@@ -119,6 +120,34 @@ def test_group_norm_image(xp):
 def test_group_norm_vector(xp):
     check_against_torch(xp, GroupNorm(4, 32), [randn(3, 32)],
                         lambda x, weight, bias: F.group_norm(x, 4, weight, bias, eps=1e-5))
+
+
+def test_group_norm_swish(xp):
+    check_against_torch(xp, GroupNormSwish(3, 12), [randn(2, 4, 5, 12)],
+                        lambda x, weight, bias: F.silu(nhwc(F.group_norm(nchw(x), 3, weight, bias, eps=1e-5))))
+
+
+def test_group_norm_swish_with_its_normalised_output(xp):
+    """keep_normalised: forward returns (normalised, out) and backward takes both gradients."""
+    rng = np.random.default_rng(2)
+    layer = GroupNormSwish(3, 12, keep_normalised=True).astype(np.float64)
+    layer.weight.data, layer.bias.data = rng.standard_normal(12), rng.standard_normal(12)
+    layer.to(xp)
+    x = randn(2, 4, 5, 12)
+    dout, dnormalised = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    weight, bias = (torch.tensor(to_host(p.data), requires_grad=True) for p in (layer.weight, layer.bias))
+    torch_x = torch.tensor(x, requires_grad=True)
+    torch_normalised = nhwc(F.group_norm(nchw(torch_x), 3, weight, bias, eps=1e-5))
+    torch_out = F.silu(torch_normalised)
+
+    normalised, out = layer(to_device(x, xp))
+    assert_close(normalised, torch_normalised, "normalised")
+    assert_close(out, torch_out, "forward")
+    dx = layer.backward(to_device(dout, xp), to_device(dnormalised, xp))
+    (torch_out * torch.tensor(dout) + torch_normalised * torch.tensor(dnormalised)).sum().backward()
+    assert_close(dx, torch_x.grad, "gradient of x")
+    assert_close(layer.weight.grad, weight.grad, "gradient of weight")
+    assert_close(layer.bias.grad, bias.grad, "gradient of bias")
 
 
 def test_swish(xp):

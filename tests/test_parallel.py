@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tinyddpm.nn import GroupNorm, Swish, no_grad, parallel
+from tinyddpm.nn import GroupNorm, GroupNormSwish, Swish, no_grad, parallel
 from tinyddpm.nn.conv import conv2d_backward, conv2d_forward
 from tinyddpm.nn.conv_transpose import (
     conv_transpose2d_backward,
@@ -119,7 +119,8 @@ def test_gpu_chunks_bound_the_pixels_of_image_work_and_run_in_order():
     assert calls == [(0, 100_000)]
 
 
-@pytest.mark.parametrize("make", [Swish, lambda: GroupNorm(4, 8)])
+@pytest.mark.parametrize("make", [Swish, lambda: GroupNorm(4, 8), lambda: GroupNormSwish(4, 8),
+                                  lambda: GroupNormSwish(4, 8, keep_normalised=True)])
 def test_forward_without_grad_gives_the_same_output(make):
     """Under no_grad, Swish and GroupNorm build their output without what backward needs."""
     x = np.random.default_rng(3).standard_normal((6, 16, 16, 8))
@@ -128,6 +129,14 @@ def test_forward_without_grad_gives_the_same_output(make):
     with no_grad():
         without = layer(x)
     np.testing.assert_array_equal(without, with_grad)
+
+
+def test_group_norm_swish_is_the_two_layers_in_a_row():
+    x = np.random.default_rng(6).standard_normal((6, 16, 16, 8)).astype(np.float32)
+    dout = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    norm, swish, fused = GroupNorm(4, 8), Swish(), GroupNormSwish(4, 8)
+    np.testing.assert_array_equal(fused(x), swish(norm(x)))
+    np.testing.assert_array_equal(fused.backward(dout), norm.backward(swish.backward(dout)))
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -22,6 +22,7 @@ without it.
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -186,4 +187,8 @@ class ProcessGroup:
             sys.stderr.write(f"tinyddpm: rank {self.rank} of {self.size} failed: {type(error).__name__}: "
                              f"{message}; stopping all ranks (the last checkpoint written is intact)\n")
             sys.stderr.flush()
+            # mpiexec forwards each rank's output through a pipe, and Abort kills the ranks
+            # before it is read: a moment's wait keeps the message from being cut off
+            # (seen once in a loaded test run, mid-traceback).
+            time.sleep(0.2)
             self.comm.Abort(1)

@@ -45,6 +45,7 @@ from tinyddpm.nn import (
     ConvTranspose2d,
     GlobalAvgPool,
     GroupNorm,
+    GroupNormSwish,
     LabelEmbedding,
     Linear,
     Module,
@@ -174,14 +175,13 @@ class TinyUNet(Module):
     """A U-Net in miniature, to check that the layers compose (fan-out, skip, embedding).
 
     x (N, H, W, C) and emb (N, E) -> (N, H, W, C):
-    conv -> GN -> swish -> + Linear(emb) -> stride-2 conv -> self-attention over
-    the positions -> transposed conv -> concat with the first conv's output -> conv.
+    conv -> GN + swish -> + Linear(emb) -> stride-2 conv -> self-attention over
+    the positions -> transposed conv -> concat with the GN's output -> conv.
     """
 
     def __init__(self, channels, width, emb_dim, rng):
         self.conv_in = Conv2d(channels, width, 3, rng=rng)
-        self.norm = GroupNorm(2, width)
-        self.act = Swish()
+        self.norm = GroupNormSwish(2, width, keep_normalised=True)
         self.emb_proj = Linear(emb_dim, width, rng=rng)
         self.add_emb = BroadcastAdd()
         self.down = Conv2d(width, 2 * width, 3, stride=2, rng=rng)
@@ -191,8 +191,8 @@ class TinyUNet(Module):
         self.conv_out = Conv2d(2 * width, channels, 3, rng=rng)
 
     def forward(self, x, emb):
-        skip = self.conv_in(x)
-        h = self.add_emb(self.act(self.norm(skip)), self.emb_proj(emb))
+        skip, h = self.norm(self.conv_in(x))
+        h = self.add_emb(h, self.emb_proj(emb))
         h = self.down(h)
         N, H, W, C = h.shape
         h = self.attn(h.reshape(N, H * W, C)).reshape(N, H, W, C)
@@ -206,8 +206,7 @@ class TinyUNet(Module):
         dh = self.attn.backward(dh.reshape(N, H * W, C)).reshape(N, H, W, C)
         dh, demb = self.add_emb.backward(self.down.backward(dh))
         demb = self.emb_proj.backward(demb)
-        dskip = dskip + self.norm.backward(self.act.backward(dh))
-        return self.conv_in.backward(dskip), demb
+        return self.conv_in.backward(self.norm.backward(dh, dskip)), demb
 
 
 def standard_checks(xp, rng):
@@ -223,6 +222,7 @@ def standard_checks(xp, rng):
         Case("group norm image", GroupNorm(2, 6), (randn(2, 3, 4, 6),)),
         Case("group norm vector", GroupNorm(2, 16), (randn(3, 16),)),
         Case("swish", Swish(), (4 * randn(3, 5),)),
+        Case("group norm + swish", GroupNormSwish(2, 6), (randn(2, 3, 4, 6),)),
         Case("linear", Linear(5, 4, rng=rng), (randn(2, 3, 5),)),
         Case("attention 1 head", ScaledDotProductAttention(1), (randn(2, 5, 8), randn(2, 5, 8), randn(2, 5, 8))),
         Case("attention 4 heads", ScaledDotProductAttention(4), (randn(2, 5, 8), randn(2, 5, 8), randn(2, 5, 8))),

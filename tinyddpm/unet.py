@@ -22,6 +22,7 @@ from tinyddpm.nn import (
     Conv2d,
     ConvTranspose2d,
     GroupNorm,
+    GroupNormSwish,
     LabelEmbedding,
     Linear,
     Module,
@@ -71,37 +72,36 @@ class ResBlock(Module):
     """Residual block ``res(in -> out)`` with the time embedding added in the middle.
 
     x (B, H, W, in), emb (B, E) -> (B, H, W, out). The shortcut is a 1x1 conv of
-    the *normalised* input, in every block, as in the example.
+    the *normalised* input, in every block, as in the example. Each GroupNorm and the
+    Swish after it are one layer (``GroupNormSwish``); ``norm1`` also returns the
+    normalised input for the shortcut.
     """
 
     def __init__(self, in_channels, out_channels, emb_dim, groups, rng, dtype):
-        self.norm1 = GroupNorm(groups, in_channels, dtype=dtype)
-        self.act1 = Swish()
+        self.norm1 = GroupNormSwish(groups, in_channels, keep_normalised=True, dtype=dtype)
         self.conv1 = Conv2d(in_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.emb_norm = GroupNorm(groups, emb_dim, dtype=dtype)
         self.emb_fc = Linear(emb_dim, out_channels, rng=rng, dtype=dtype)
         self.add_emb = BroadcastAdd(inplace=True)  # into conv1's output
-        self.norm2 = GroupNorm(groups, out_channels, dtype=dtype)
-        self.act2 = Swish(inplace=True)  # over norm2's output, which only it reads
+        self.norm2 = GroupNormSwish(groups, out_channels, dtype=dtype)
         self.conv2 = Conv2d(out_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.skip = Conv2d(in_channels, out_channels, 1, rng=rng, dtype=dtype)
 
     def forward(self, x, emb):
-        n = self.norm1(x)
-        h = self.conv1(self.act1(n))
+        n, a = self.norm1(x)
+        h = self.conv1(a)
         h = self.add_emb(h, self.emb_fc(self.emb_norm(emb)))
-        h = self.conv2(self.act2(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         out = self.skip(n)
         out += h  # in place: the skip conv's output is this block's own
         return out
 
     def backward(self, dout):
         dn = self.skip.backward(dout)
-        dh = self.norm2.backward(self.act2.backward(self.conv2.backward(dout)))
+        dh = self.norm2.backward(self.conv2.backward(dout))
         dh, de = self.add_emb.backward(dh)
         demb = self.emb_norm.backward(self.emb_fc.backward(de))
-        dn += self.act1.backward(self.conv1.backward(dh))
-        return self.norm1.backward(dn), demb
+        return self.norm1.backward(self.conv1.backward(dh), dn), demb
 
 
 class AttentionBlock(SelfAttention):
@@ -175,8 +175,7 @@ class UNet(Module):
         self.r13, self.cat13 = res(2 * c1, c1), Concat()
         self.r14, self.cat14 = res(2 * c1, c1), Concat()
         self.cat_out = Concat()
-        self.norm_out = GroupNorm(G, 2 * c1, dtype=dtype)
-        self.act_out = Swish(inplace=True)
+        self.norm_out = GroupNormSwish(G, 2 * c1, dtype=dtype)
         self.conv_out = Conv2d(2 * c1, config.channels, 3, rng=rng, dtype=dtype)
 
     @property
@@ -219,7 +218,7 @@ class UNet(Module):
         keep["act_a12"] = h = self.a12(h)
         keep["act_r13"] = h = self.r13(self.cat13(self.up2(h), h2), emb)
         keep["act_r14"] = h = self.r14(self.cat14(h, h1), emb)
-        return self.conv_out(self.act_out(self.norm_out(self.cat_out(h, h0))))
+        return self.conv_out(self.norm_out(self.cat_out(h, h0)))
 
     def backward(self, dout):
         """Accumulate every parameter's gradient; the image input needs none."""
@@ -231,7 +230,7 @@ class UNet(Module):
             demb = demb + de
             return dx
 
-        dh, dh0 = self.cat_out.backward(self.norm_out.backward(self.act_out.backward(self.conv_out.backward(dout))))
+        dh, dh0 = self.cat_out.backward(self.norm_out.backward(self.conv_out.backward(dout)))
         dh, dh1 = self.cat14.backward(res_backward(self.r14, dh))
         dh, dh2 = self.cat13.backward(res_backward(self.r13, dh))
         dh = self.up2.backward(dh)

@@ -12,7 +12,7 @@ from tinyddpm.nn.conv import Conv2d
 from tinyddpm.nn.conv_transpose import ConvTranspose2d
 from tinyddpm.nn.cross_entropy import SoftmaxCrossEntropy
 from tinyddpm.nn.embedding import SinusoidalEmbedding
-from tinyddpm.nn.group_norm import GroupNorm
+from tinyddpm.nn.group_norm import GroupNorm, GroupNormSwish
 from tinyddpm.nn.label_embedding import LabelEmbedding
 from tinyddpm.nn.linear import Linear
 from tinyddpm.nn.loss import MSELoss
@@ -21,6 +21,6 @@ from tinyddpm.nn.pooling import GlobalAvgPool
 
 __all__ = [
     "BroadcastAdd", "Concat", "Conv2d", "ConvTranspose2d", "GlobalAvgPool", "GroupNorm",
-    "LabelEmbedding", "Linear", "MSELoss", "Module", "Parameter", "ScaledDotProductAttention",
+    "GroupNormSwish", "LabelEmbedding", "Linear", "MSELoss", "Module", "Parameter", "ScaledDotProductAttention",
     "SelfAttention", "SinusoidalEmbedding", "SoftmaxCrossEntropy", "Swish", "frozen_weights", "no_grad",
 ]

@@ -35,6 +35,28 @@ def sigmoid(x, out=None):
     return s
 
 
+def swish_into(x, out, s):
+    """``out = x * sigmoid(x)`` with the sigmoid in ``s`` (NumPy; ``out`` may be ``x``)."""
+    np.multiply(x, sigmoid(x, out=s), out=out)
+
+
+def swish_backward(s, out, dout):
+    """The gradient of ``out = swish(x)`` from its sigmoid ``s`` and output: ``dout * (s + out * (1 - s))``."""
+    xp = get_array_module(s)
+    if xp is not np:
+        return fused.swish_backward(s, out, dout)
+    grad = xp.empty_like(s)
+
+    def chunk(s, out, dout, grad):
+        xp.subtract(1.0, s, out=grad)
+        grad *= out
+        grad += s
+        grad *= dout
+
+    map_elementwise(chunk, s, out, dout, grad)
+    return grad
+
+
 class Swish(Module):
     """``x * sigmoid(x)`` element-wise. Shapes: x (any) -> out (same).
 
@@ -56,25 +78,11 @@ class Swish(Module):
         s = xp.empty_like(x, order="C") if grad_enabled() else None
 
         def chunk(x, out, s=None):
-            s = scratch("swish sigmoid", x.shape, x.dtype) if s is None else s
-            xp.multiply(x, sigmoid(x, out=s), out=out)
+            swish_into(x, out, scratch("swish sigmoid", x.shape, x.dtype) if s is None else s)
 
         map_elementwise(chunk, x, out, *(() if s is None else (s,)))
         self.save_for_backward(s, out)
         return out
 
     def backward(self, dout):
-        s, out = self.saved()
-        xp = get_array_module(s)
-        if xp is not np:
-            return fused.swish_backward(s, out, dout)
-        grad = xp.empty_like(s)
-
-        def chunk(s, out, dout, grad):
-            xp.subtract(1.0, s, out=grad)
-            grad *= out
-            grad += s
-            grad *= dout
-
-        map_elementwise(chunk, s, out, dout, grad)
-        return grad
+        return swish_backward(*self.saved(), dout)

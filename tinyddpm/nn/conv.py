@@ -45,7 +45,7 @@ import numpy as np
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
 from tinyddpm.nn.module import Module, Parameter, prepared_weight
-from tinyddpm.nn.parallel import map_chunks, scratch
+from tinyddpm.nn.parallel import CHUNK_ROWS, map_chunks, scratch
 from tinyddpm.nn.winograd import correlate_3x3, correlate_3x3_weight_grad
 
 WINOGRAD_MIN_CHANNELS = 64  # correlate: input channels
@@ -94,21 +94,25 @@ def im2col(xpad, KH, KW, stride, out=None):
     return out
 
 
-def col2im(cols, padded_shape, KH, KW, stride):
+def col2im(cols, padded_shape, KH, KW, stride, out=None):
     """The adjoint of :func:`im2col`: add each row of ``cols`` back onto its patch.
 
-    ``cols`` (N*OH*OW, KH*KW*C) -> padded image ``padded_shape`` (N, Hp, Wp, C).
+    ``cols`` (N*OH*OW, KH*KW*C) -> padded image ``padded_shape`` (N, Hp, Wp, C), into
+    ``out`` if given.
     """
     xp = get_array_module(cols)
     N, Hp, Wp, C = padded_shape
     OH = (Hp - KH) // stride + 1
     OW = (Wp - KW) // stride + 1
     patches = cols.reshape(N, OH, OW, KH, KW, C)
-    xpad = xp.zeros(padded_shape, dtype=cols.dtype)
+    if out is None:
+        out = xp.zeros(padded_shape, dtype=cols.dtype)
+    else:
+        out[...] = 0
     for a in range(KH):
         for b in range(KW):
-            xpad[:, a:a + stride * OH:stride, b:b + stride * OW:stride] += patches[:, :, :, a, b]
-    return xpad
+            out[:, a:a + stride * OH:stride, b:b + stride * OW:stride] += patches[:, :, :, a, b]
+    return out
 
 
 def weight_matrix(w):
@@ -207,14 +211,22 @@ def correlate_input_grad(dout, w, x_shape, stride):
         return correlate(dout, flipped, 1, (pad_h[::-1], pad_w[::-1]))
     w_matrix_t = prepared_weight(w, "matrix transposed", lambda w: xp.ascontiguousarray(weight_matrix(w).T))
     padded_shape = (H + sum(pad_h), W + sum(pad_w), C)
-    dx = xp.empty(x_shape, dtype=xp.result_type(dout, w))
+    dtype = xp.result_type(dout, w)
+    dx = xp.empty(x_shape, dtype=dtype)
+    in_rows = dout.shape[1] * dout.shape[2]
+
+    def work_array(name, shape):
+        return scratch(name, shape, dtype) if xp is np else xp.empty(shape, dtype=dtype)
 
     def chunk(start, stop):
-        dcols = dout[start:stop].reshape(-1, OC) @ w_matrix_t
-        dxpad = col2im(dcols, (stop - start, *padded_shape), KH, KW, stride)
+        n = stop - start
+        dcols = work_array("col2im columns", (n * in_rows, KH * KW * C))
+        xp.matmul(dout[start:stop].reshape(-1, OC), w_matrix_t, out=dcols)
+        dxpad = col2im(dcols, (n, *padded_shape), KH, KW, stride, out=work_array("col2im image", (n, *padded_shape)))
         dx[start:stop] = dxpad[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W]
 
-    map_chunks(chunk, N, xp, rows_per_item=dout.shape[1] * dout.shape[2])
+    # dcols is KH*KW times wider than dout: a quarter of the usual rows keeps a chunk's in cache
+    map_chunks(chunk, N, xp, rows_per_item=in_rows, chunk_rows=CHUNK_ROWS // 4)
     return dx
 
 

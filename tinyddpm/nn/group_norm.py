@@ -27,8 +27,9 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused
-from tinyddpm.nn.module import Module, Parameter
-from tinyddpm.nn.parallel import map_chunks
+from tinyddpm.nn.activation import swish_backward, swish_into
+from tinyddpm.nn.module import Module, Parameter, grad_enabled
+from tinyddpm.nn.parallel import map_chunks, scratch
 
 # A chunk of the batch holds 2^17 to 2^18 numbers (0.5-1 MB in float32): it stays in cache
 # across the passes over it, and a smaller one takes less time than handing it to another
@@ -57,6 +58,19 @@ def _channel_dot(a, b):
     return get_array_module(a).einsum("nlc,nlc->nc", a, b)
 
 
+def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std):
+    """Group-normalise ``x3`` (n, L, C) into ``out``, its statistics into ``mean``, ``inv_std`` (n, 1, C)."""
+    xp = get_array_module(x3)
+    _, L, C = x3.shape
+    count = L * (C // G)
+    mean[...] = _group_mean(x3.sum(axis=1), G, count)
+    xp.subtract(x3, mean, out=out)
+    xp.sqrt(_group_mean(_channel_dot(out, out), G, count) + eps, out=inv_std)
+    xp.divide(1.0, inv_std, out=inv_std)
+    out *= inv_std * gamma  # xhat * gamma, in one pass
+    out += beta
+
+
 def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     """Normalise ``x`` (N, ..., C) in G groups, then scale by ``gamma`` and shift by ``beta``.
 
@@ -68,22 +82,44 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
         return fused.group_norm_forward(x, gamma, beta, G, eps)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    L = x3.shape[1]
-    count = L * (C // G)
     out = xp.empty_like(x3, order="C")
     mean, inv_std = xp.empty((N, 1, C), dtype=x.dtype), xp.empty((N, 1, C), dtype=x.dtype)
 
     def chunk(start, stop):
-        x_c, mean_c, inv_std_c, out_c = x3[start:stop], mean[start:stop], inv_std[start:stop], out[start:stop]
-        mean_c[...] = _group_mean(x_c.sum(axis=1), G, count)
-        xp.subtract(x_c, mean_c, out=out_c)
-        xp.sqrt(_group_mean(_channel_dot(out_c, out_c), G, count) + eps, out=inv_std_c)
-        xp.divide(1.0, inv_std_c, out=inv_std_c)
-        out_c *= inv_std_c * gamma  # xhat * gamma, in one pass
-        out_c += beta
+        _normalise(x3[start:stop], gamma, beta, G, eps, out[start:stop], mean[start:stop], inv_std[start:stop])
 
     _map_samples(chunk, x3)
     return out.reshape(x.shape), (x3, mean, inv_std, gamma, G)
+
+
+def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False):
+    """``swish(group_norm(x))``, each chunk's Swish done while its normalised values are in cache.
+
+    Returns ``(out, normalised, sigmoid, cache)``: ``normalised`` (the GroupNorm output) only
+    with ``keep_normalised`` and ``sigmoid`` only with grad (both None otherwise); ``cache``
+    is :func:`group_norm_forward`'s.
+    """
+    xp = get_array_module(x)
+    if xp is not np:
+        normalised, cache = fused.group_norm_forward(x, gamma, beta, G, eps)
+        s, out = fused.swish_forward(normalised)
+        return out, normalised if keep_normalised else None, s, cache
+    N, C = x.shape[0], x.shape[-1]
+    x3 = x.reshape(N, -1, C)
+    out = xp.empty_like(x3, order="C")
+    normalised = xp.empty_like(x3, order="C") if keep_normalised else out  # Swish then runs in place
+    s = xp.empty_like(x3, order="C") if grad_enabled() else None
+    mean, inv_std = xp.empty((N, 1, C), dtype=x.dtype), xp.empty((N, 1, C), dtype=x.dtype)
+
+    def chunk(start, stop):
+        n_c = normalised[start:stop]
+        _normalise(x3[start:stop], gamma, beta, G, eps, n_c, mean[start:stop], inv_std[start:stop])
+        s_c = scratch("swish sigmoid", n_c.shape, n_c.dtype) if s is None else s[start:stop]
+        swish_into(n_c, out[start:stop], s_c)
+
+    _map_samples(chunk, x3)
+    return (out.reshape(x.shape), normalised.reshape(x.shape) if keep_normalised else None,
+            None if s is None else s.reshape(x.shape), (x3, mean, inv_std, gamma, G))
 
 
 def group_norm_backward(dout, cache):
@@ -138,6 +174,40 @@ class GroupNorm(Module):
     def backward(self, dout):
         (cache,) = self.saved()
         dx, dgamma, dbeta = group_norm_backward(dout, cache)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+
+class GroupNormSwish(GroupNorm):
+    """``swish(GroupNorm(x))`` as one layer: the pair that opens a residual block.
+
+    Shapes: x (N, H, W, C) or (N, C) -> out, same shape; weight, bias (C,), named as a
+    GroupNorm's. With ``keep_normalised=True`` forward returns ``(normalised, out)``, the
+    GroupNorm output too (a residual block's skip conv reads it), and backward takes the
+    gradients of both, ``backward(dout, dnormalised)``.
+
+    On NumPy each chunk of the batch is normalised and then put through the Swish while
+    it is in cache, and without ``keep_normalised`` the Swish writes over the normalised
+    values: one pass over memory fewer than the two layers apart, and one array fewer.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, keep_normalised=False, dtype=np.float32):
+        super().__init__(num_groups, num_channels, eps=eps, dtype=dtype)
+        self.keep_normalised = keep_normalised
+
+    def forward(self, x):
+        out, normalised, s, cache = group_norm_swish_forward(
+            x, self.weight.data, self.bias.data, self.num_groups, self.eps, self.keep_normalised)
+        self.save_for_backward(cache, s, out)
+        return (normalised, out) if self.keep_normalised else out
+
+    def backward(self, dout, dnormalised=None):
+        cache, s, out = self.saved()
+        dn = swish_backward(s, out, dout)
+        if dnormalised is not None:
+            dn += dnormalised
+        dx, dgamma, dbeta = group_norm_backward(dn, cache)
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx
