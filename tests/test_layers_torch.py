@@ -90,6 +90,13 @@ def test_conv3x3_stride2_pads_bottom_right(xp):
                         lambda x, weight, bias: nhwc(F.conv2d(F.pad(nchw(x), (0, 1, 0, 1)), weight, bias, stride=2)))
 
 
+@pytest.mark.parametrize("stride, pad", [(1, (1, 1, 1, 1)), (2, (0, 1, 0, 1))])
+def test_conv3x3_with_few_output_channels(xp, stride, pad):
+    """9 * 2 <= 20 input channels: the per-tap road (conv.correlate_taps)."""
+    check_against_torch(xp, Conv2d(20, 2, 3, stride=stride), [randn(2, 6, 8, 20)],
+                        lambda x, weight, bias: nhwc(F.conv2d(F.pad(nchw(x), pad), weight, bias, stride=stride)))
+
+
 def test_conv1x1(xp):
     check_against_torch(xp, Conv2d(4, 3, 1), [randn(2, 5, 6, 4)],
                         lambda x, weight, bias: nhwc(F.conv2d(nchw(x), weight, bias)))

@@ -97,7 +97,8 @@ def test_conv2d_forward_and_backward_match_im2col(monkeypatch, winograd_calls):
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding, expected", [
     ((2, 8, 6, 64), (64, 64, 3, 3), 1, None, True),
     ((2, 8, 6, 64), (64, 64, 3, 3), 1, SAME, True),
-    ((2, 8, 6, 64), (1, 64, 3, 3), 1, SAME, True),  # any number of output channels
+    ((2, 8, 6, 64), (8, 64, 3, 3), 1, SAME, True),  # 8 output channels
+    ((2, 8, 6, 64), (7, 64, 3, 3), 1, SAME, False),  # 9 * 7 <= 64: conv.correlate_taps
     ((2, 8, 6, 63), (64, 63, 3, 3), 1, SAME, False),  # too few input channels
     ((2, 8, 6, 64), (64, 64, 3, 3), 2, None, False),
     ((2, 8, 6, 64), (64, 64, 1, 1), 1, None, False),

@@ -32,7 +32,14 @@ this was measured on (batch 128, the example network's shapes):
 - the weight gradient beats im2col by 1.25-2.2x when both channel counts are
   at least 64, and loses with 32 or fewer.
 
-Every other conv, and every conv on CuPy, keeps im2col.
+Every other conv, and every conv on CuPy, keeps im2col, except a conv with few
+output channels (KH*KW*OC <= C, such as the network's last, 128 -> 1, on either
+device): it
+multiplies every input pixel by all KH*KW taps' weights at once, a (C, KH*KW*OC)
+matrix, and adds each tap's products in at its offset, which never copies the
+input nine times over (``correlate_taps``). Its weight gradient is the same
+product read backwards: the output gradient placed at each tap's offset, times
+the input.
 
 Padding follows MATLAB's ``"same"``: the output is ceil(H / stride) tall, and an
 odd total padding puts the extra row at the bottom (and column at the right).
@@ -152,9 +159,74 @@ def correlate(x, w, stride, padding=None):
     """
     if padding is None:
         padding = same_padding(x.shape[1], w.shape[2], stride), same_padding(x.shape[2], w.shape[3], stride)
+    if few_outputs(x.shape[3], w.shape[0], *w.shape[2:]):
+        return correlate_taps(x, w, stride, padding)
     if winograd_fits(x, *w.shape[2:], stride, padding) and x.shape[3] >= WINOGRAD_MIN_CHANNELS:
         return correlate_3x3(x, w)
     return correlate_im2col(x, w, stride, padding)
+
+
+def few_outputs(C, OC, KH, KW):
+    """Whether a KH x KW conv of C -> OC channels takes the per-tap road (:func:`correlate_taps`).
+
+    A 1x1 conv never does: its patch matrix is its input, with no copy at all.
+    """
+    return KH * KW > 1 and KH * KW * OC <= C
+
+
+def tap_weights(w):
+    """Weight (OC, C, KH, KW) as the (C, KH*KW*OC) matrix of every tap's weights side by side."""
+    OC, C, KH, KW = w.shape
+    return w.transpose(1, 2, 3, 0).reshape(C, KH * KW * OC)
+
+
+def correlate_taps(x, w, stride, padding):
+    """:func:`correlate` for few output channels: ``y = x @ tap_weights(w)`` (one product over
+    the pixels, no patch matrix), then ``out[i, j] = sum over taps (a, b) of y_ab at the
+    padded position (stride*i + a, stride*j + b)``.
+    """
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    OC, _, KH, KW = w.shape
+    (top, bottom), (left, right) = padding
+    OH = (H + top + bottom - KH) // stride + 1
+    OW = (W + left + right - KW) // stride + 1
+    w_taps = prepared_weight(w, "taps", lambda w: xp.ascontiguousarray(tap_weights(w)))
+    out = xp.empty((N, OH, OW, OC), dtype=xp.result_type(x, w))
+
+    def chunk(start, stop):
+        n = stop - start
+        y = xp.zeros((n, H + top + bottom, W + left + right, KH, KW, OC), dtype=out.dtype)
+        y[:, top:top + H, left:left + W] = (x[start:stop].reshape(-1, C) @ w_taps).reshape(n, H, W, KH, KW, OC)
+        out_c = out[start:stop]
+        out_c[...] = 0
+        for a in range(KH):
+            for b in range(KW):
+                out_c += y[:, a:a + stride * OH:stride, b:b + stride * OW:stride, a, b]
+
+    map_chunks(chunk, N, xp, rows_per_item=H * W)
+    return out
+
+
+def correlate_taps_weight_grad(x, dout, KH, KW, stride, padding):
+    """``dw`` of :func:`correlate_taps`: ``x^T @ d``, where ``d`` holds, for each tap (a, b),
+    the output gradient at the input positions that tap read (stride*i + a - top, ...)."""
+    xp = get_array_module(x)
+    N, H, W, C = x.shape
+    _, OH, OW, OC = dout.shape
+    (top, bottom), (left, right) = padding
+
+    def chunk(start, stop):
+        n = stop - start
+        d = xp.zeros((n, H + top + bottom, W + left + right, KH, KW, OC), dtype=dout.dtype)
+        for a in range(KH):
+            for b in range(KW):
+                d[:, a:a + stride * OH:stride, b:b + stride * OW:stride, a, b] = dout[start:stop]
+        d = d[:, top:top + H, left:left + W].reshape(-1, KH * KW * OC)  # padding reads zeros
+        return x[start:stop].reshape(-1, C).T @ d
+
+    dw = sum(map_chunks(chunk, N, xp, rows_per_item=H * W))
+    return dw.reshape(C, KH, KW, OC).transpose(3, 0, 1, 2)
 
 
 def correlate_im2col(x, w, stride, padding):
@@ -187,6 +259,8 @@ def correlate_weight_grad(x, dout, KH, KW, stride):
     N, H, W, C = x.shape
     _, OH, OW, OC = dout.shape
     padding = same_padding(H, KH, stride), same_padding(W, KW, stride)
+    if few_outputs(C, OC, KH, KW):
+        return correlate_taps_weight_grad(x, dout, KH, KW, stride, padding)
     if winograd_fits(x, KH, KW, stride, padding) and min(C, OC) >= WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS:
         return correlate_3x3_weight_grad(x, dout)
 
