@@ -31,7 +31,7 @@ from bench.torch_reference import (
 from bench.torch_reference import train_step as reference_train_step
 from tinyddpm.backend import to_device, to_host
 from tinyddpm.diffusion import linear_schedule
-from tinyddpm.nn import Conv2d, GroupNorm, MSELoss, Parameter, no_grad
+from tinyddpm.nn import Conv2d, GroupNorm, GroupNormSwish, MSELoss, Parameter, no_grad
 from tinyddpm.optim import Adam
 from tinyddpm.sampling import ancestral_sample
 from tinyddpm.train import train_step
@@ -157,14 +157,16 @@ def test_example_network_float32(xp):
     assert_within(errors, F32_TOL)
 
 
-@pytest.mark.parametrize("layer", [GroupNorm, Conv2d])
+@pytest.mark.parametrize("layer", [GroupNorm, GroupNormSwish, Conv2d])
 def test_parity_check_catches_a_wrong_backward(monkeypatch, layer):
     """Scale one layer type's input gradient by 1.001: the forward still agrees, the gradients
     of everything upstream of that layer no longer do, and the check fails loudly."""
     original = layer.backward
 
-    def off_by_a_little(self, dout):
-        dx = original(self, dout)
+    def off_by_a_little(self, *grads):
+        dx = original(self, *grads)
+        if isinstance(dx, tuple):  # a conv with a per-sample shift: (dx, dshift)
+            return (dx[0] * 1.001, *dx[1:])
         return None if dx is None else dx * 1.001
 
     monkeypatch.setattr(layer, "backward", off_by_a_little)

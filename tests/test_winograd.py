@@ -70,7 +70,7 @@ def test_takes_a_strided_kernel_view():
 def winograd_calls(monkeypatch):
     """Names of the Winograd functions conv.py calls (they still run)."""
     calls = []
-    monkeypatch.setattr(conv, "correlate_3x3", lambda *a: calls.append("correlate") or correlate_3x3(*a))
+    monkeypatch.setattr(conv, "correlate_3x3", lambda *a, **kw: calls.append("correlate") or correlate_3x3(*a, **kw))
     monkeypatch.setattr(conv, "correlate_3x3_weight_grad",
                         lambda *a: calls.append("weight_grad") or correlate_3x3_weight_grad(*a))
     return calls
@@ -140,3 +140,23 @@ def test_weight_grad_dispatch(winograd_calls, x_shape, dout_channels, kernel, st
 def test_never_on_the_gpu(xp):
     x = xp.zeros((2, 8, 8, 128), dtype=xp.float32)
     assert conv.winograd_fits(x, 3, 3, 1, SAME) == (xp is np)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride", [
+    ((3, 8, 6, 64), (64, 64, 3, 3), 1),  # Winograd
+    ((3, 8, 6, 5), (4, 5, 3, 3), 1),  # im2col
+    ((3, 8, 6, 5), (4, 5, 3, 3), 2),  # im2col, stride 2
+    ((3, 8, 6, 5), (4, 5, 1, 1), 1),  # 1x1: no patch matrix
+    ((3, 8, 6, 20), (2, 20, 3, 3), 1),  # few outputs: per tap
+])
+def test_every_conv_road_adds_a_bias_per_sample_and_into_add_to(x_shape, w_shape, stride):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    bias = rng.standard_normal((x_shape[0], w_shape[0]))
+    plain = conv.correlate(x, w, stride)
+    shifted = conv.correlate(x, w, stride, bias=bias)
+    assert rel_err(shifted, plain + bias[:, None, None, :]) < 1e-13
+    residual = rng.standard_normal(plain.shape)
+    into = residual.copy()
+    assert conv.correlate(x, w, stride, bias=bias[0], add_to=into) is into
+    assert rel_err(into, residual + plain + bias[0]) < 1e-13

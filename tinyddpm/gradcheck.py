@@ -218,6 +218,7 @@ def standard_checks(xp, rng):
         Case("conv 3x3 stride 1", Conv2d(3, 4, 3, rng=rng), (randn(2, 6, 5, 3),)),
         Case("conv 3x3 stride 2", Conv2d(3, 4, 3, stride=2, rng=rng), (randn(2, 6, 8, 3),)),
         Case("conv 1x1", Conv2d(3, 4, 1, rng=rng), (randn(2, 4, 5, 3),)),
+        Case("conv with a per-sample shift", Conv2d(3, 4, 3, rng=rng), (randn(2, 6, 5, 3), randn(2, 4))),
         Case("conv 3x3 few outputs", Conv2d(19, 2, 3, rng=rng), (randn(2, 5, 4, 19),)),
         Case("conv 3x3 stride 2 few outputs", Conv2d(19, 2, 3, stride=2, rng=rng), (randn(2, 5, 6, 19),)),
         Case("conv transpose 3x3 stride 2", ConvTranspose2d(3, 4, rng=rng), (randn(2, 3, 4, 3),)),

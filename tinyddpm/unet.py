@@ -17,7 +17,6 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module, to_device
 from tinyddpm.nn import (
-    BroadcastAdd,
     Concat,
     Conv2d,
     ConvTranspose2d,
@@ -74,7 +73,9 @@ class ResBlock(Module):
     x (B, H, W, in), emb (B, E) -> (B, H, W, out). The shortcut is a 1x1 conv of
     the *normalised* input, in every block, as in the example. Each GroupNorm and the
     Swish after it are one layer (``GroupNormSwish``); ``norm1`` also returns the
-    normalised input for the shortcut.
+    normalised input for the shortcut. The projected time embedding enters ``conv1``
+    as a per-sample shift of its bias, and ``conv2`` adds its result into the shortcut's
+    output, so neither sum is a pass of its own.
     """
 
     def __init__(self, in_channels, out_channels, emb_dim, groups, rng, dtype):
@@ -82,26 +83,20 @@ class ResBlock(Module):
         self.conv1 = Conv2d(in_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.emb_norm = GroupNorm(groups, emb_dim, dtype=dtype)
         self.emb_fc = Linear(emb_dim, out_channels, rng=rng, dtype=dtype)
-        self.add_emb = BroadcastAdd(inplace=True)  # into conv1's output
         self.norm2 = GroupNormSwish(groups, out_channels, dtype=dtype)
         self.conv2 = Conv2d(out_channels, out_channels, 3, rng=rng, dtype=dtype)
         self.skip = Conv2d(in_channels, out_channels, 1, rng=rng, dtype=dtype)
 
     def forward(self, x, emb):
         n, a = self.norm1(x)
-        h = self.conv1(a)
-        h = self.add_emb(h, self.emb_fc(self.emb_norm(emb)))
-        h = self.conv2(self.norm2(h))
-        out = self.skip(n)
-        out += h  # in place: the skip conv's output is this block's own
-        return out
+        h = self.conv1(a, shift=self.emb_fc(self.emb_norm(emb)))
+        return self.conv2(self.norm2(h), add_to=self.skip(n))
 
     def backward(self, dout):
         dn = self.skip.backward(dout)
-        dh = self.norm2.backward(self.conv2.backward(dout))
-        dh, de = self.add_emb.backward(dh)
+        da, de = self.conv1.backward(self.norm2.backward(self.conv2.backward(dout)))
         demb = self.emb_norm.backward(self.emb_fc.backward(de))
-        return self.norm1.backward(self.conv1.backward(dh), dn), demb
+        return self.norm1.backward(da, dn), demb
 
 
 class AttentionBlock(SelfAttention):

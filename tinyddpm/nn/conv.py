@@ -152,18 +152,40 @@ def winograd_fits(x, KH, KW, stride, padding):
             and padding == ((1, 1), (1, 1)) and H % 2 == 0 and W % 2 == 0)
 
 
-def correlate(x, w, stride, padding=None):
-    """The conv without bias: ``x`` (N, H, W, C), ``w`` (OC, C, KH, KW) -> (N, OH, OW, OC).
+def correlate(x, w, stride, padding=None, bias=None, add_to=None):
+    """The conv: ``x`` (N, H, W, C), ``w`` (OC, C, KH, KW) -> (N, OH, OW, OC).
 
-    ``padding`` is ``((top, bottom), (left, right))``, MATLAB "same" if None.
+    ``padding`` is ``((top, bottom), (left, right))``, MATLAB "same" if None. ``bias``, if
+    given, is added to every pixel: one vector (OC,), or one per sample (N, OC). With
+    ``add_to`` (N, OH, OW, OC) the result is added into that array, which is returned.
+    Every road adds both to each chunk of the output while it is in cache, rather than in
+    passes of their own over the whole output.
     """
     if padding is None:
         padding = same_padding(x.shape[1], w.shape[2], stride), same_padding(x.shape[2], w.shape[3], stride)
     if few_outputs(x.shape[3], w.shape[0], *w.shape[2:]):
-        return correlate_taps(x, w, stride, padding)
+        return correlate_taps(x, w, stride, padding, bias, add_to)
     if winograd_fits(x, *w.shape[2:], stride, padding) and x.shape[3] >= WINOGRAD_MIN_CHANNELS:
-        return correlate_3x3(x, w)
-    return correlate_im2col(x, w, stride, padding)
+        out = output_array(x, w, (*x.shape[:3], w.shape[0]), add_to)
+        return correlate_3x3(x, w, out, accumulate=add_to is not None,
+                             finish=lambda start, stop: add_bias(out[start:stop], bias, start, stop))
+    return correlate_im2col(x, w, stride, padding, bias, add_to)
+
+
+def output_array(x, w, shape, add_to):
+    """The array a conv of ``x`` and ``w`` writes its (N, OH, OW, OC) output into: ``add_to``, or a new one."""
+    if add_to is not None:
+        if add_to.shape != shape:
+            raise ValueError(f"add_to has shape {add_to.shape}, the conv's output {shape}")
+        return add_to
+    xp = get_array_module(x)
+    return xp.empty(shape, dtype=xp.result_type(x, w))
+
+
+def add_bias(out_c, bias, start, stop):
+    """Add ``bias`` (OC,) or per sample (N, OC) to ``out_c``, the chunk ``out[start:stop]``."""
+    if bias is not None:
+        out_c += bias if bias.ndim == 1 else bias[start:stop, None, None, :]
 
 
 def few_outputs(C, OC, KH, KW):
@@ -180,7 +202,7 @@ def tap_weights(w):
     return w.transpose(1, 2, 3, 0).reshape(C, KH * KW * OC)
 
 
-def correlate_taps(x, w, stride, padding):
+def correlate_taps(x, w, stride, padding, bias=None, add_to=None):
     """:func:`correlate` for few output channels: ``y = x @ tap_weights(w)`` (one product over
     the pixels, no patch matrix), then ``out[i, j] = sum over taps (a, b) of y_ab at the
     padded position (stride*i + a, stride*j + b)``.
@@ -192,17 +214,19 @@ def correlate_taps(x, w, stride, padding):
     OH = (H + top + bottom - KH) // stride + 1
     OW = (W + left + right - KW) // stride + 1
     w_taps = prepared_weight(w, "taps", lambda w: xp.ascontiguousarray(tap_weights(w)))
-    out = xp.empty((N, OH, OW, OC), dtype=xp.result_type(x, w))
+    out = output_array(x, w, (N, OH, OW, OC), add_to)
 
     def chunk(start, stop):
         n = stop - start
         y = xp.zeros((n, H + top + bottom, W + left + right, KH, KW, OC), dtype=out.dtype)
         y[:, top:top + H, left:left + W] = (x[start:stop].reshape(-1, C) @ w_taps).reshape(n, H, W, KH, KW, OC)
         out_c = out[start:stop]
-        out_c[...] = 0
+        if add_to is None:
+            out_c[...] = 0
         for a in range(KH):
             for b in range(KW):
                 out_c += y[:, a:a + stride * OH:stride, b:b + stride * OW:stride, a, b]
+        add_bias(out_c, bias, start, stop)
 
     map_chunks(chunk, N, xp, rows_per_item=H * W)
     return out
@@ -229,7 +253,7 @@ def correlate_taps_weight_grad(x, dout, KH, KW, stride, padding):
     return dw.reshape(C, KH, KW, OC).transpose(3, 0, 1, 2)
 
 
-def correlate_im2col(x, w, stride, padding):
+def correlate_im2col(x, w, stride, padding, bias=None, add_to=None):
     """:func:`correlate` as im2col + one product, for any kernel, stride and padding.
 
     Each chunk of the batch is padded, unfolded and multiplied on its own thread.
@@ -240,11 +264,17 @@ def correlate_im2col(x, w, stride, padding):
     OH = (H + sum(padding[0]) - KH) // stride + 1
     OW = (W + sum(padding[1]) - KW) // stride + 1
     w_matrix = prepared_weight(w, "matrix", lambda w: xp.ascontiguousarray(weight_matrix(w)))
-    out = xp.empty((N, OH, OW, OC), dtype=xp.result_type(x, w))
+    out = output_array(x, w, (N, OH, OW, OC), add_to)
 
     def chunk(start, stop):
         cols = columns(x[start:stop], KH, KW, stride, padding)
-        xp.matmul(cols, w_matrix, out=out[start:stop].reshape(-1, OC))
+        out_c = out[start:stop]
+        if add_to is None:
+            xp.matmul(cols, w_matrix, out=out_c.reshape(-1, OC))
+        else:
+            products = scratch("conv products", (len(cols), OC), out.dtype) if xp is np else None
+            out_c += xp.matmul(cols, w_matrix, out=products).reshape(out_c.shape)
+        add_bias(out_c, bias, start, stop)
 
     map_chunks(chunk, N, xp, rows_per_item=OH * OW)
     return out
@@ -314,14 +344,12 @@ def bias_grad(dout):
     return dout2d.sum(axis=0) if get_array_module(dout) is np else fused.sum_rows(dout2d)
 
 
-def conv2d_forward(x, w, b, stride=1):
-    """Conv ``x`` (N, H, W, C) with ``w`` (OC, C, KH, KW) and bias ``b`` (OC,).
+def conv2d_forward(x, w, b, stride=1, add_to=None):
+    """Conv ``x`` (N, H, W, C) with ``w`` (OC, C, KH, KW) and bias ``b``: (OC,), or one per sample (N, OC).
 
-    Returns ``(out, cache)`` with ``out`` (N, OH, OW, OC).
+    Returns ``(out, cache)`` with ``out`` (N, OH, OW, OC), or ``add_to`` with the conv added in.
     """
-    out = correlate(x, w, stride)
-    out += b
-    return out, (x, w, stride)
+    return correlate(x, w, stride, bias=b, add_to=add_to), (x, w, stride)
 
 
 def conv2d_backward(dout, cache, needs_input_grad=True):
@@ -346,6 +374,12 @@ class Conv2d(Module):
     Shapes: x (N, H, W, C) -> out (N, ceil(H/stride), ceil(W/stride), OC);
     weight (OC, C, KH, KW), bias (OC,).
 
+    Two options spare a residual block a pass over its activations each:
+    ``forward(x, shift)`` adds a per-sample vector ``shift`` (N, OC) to every pixel along
+    with the bias (the time embedding), and backward then returns ``(dx, dshift)``;
+    ``forward(x, add_to=r)`` adds the conv into ``r`` (N, OH, OW, OC) and returns it (a
+    residual sum; ``r``'s gradient is the caller's ``dout``).
+
     Set ``needs_input_grad = False`` on a conv that reads the network input:
     its backward then skips the input gradient and returns None.
     """
@@ -360,14 +394,17 @@ class Conv2d(Module):
             fan_in=in_channels * KH * KW, fan_out=out_channels * KH * KW, dtype=dtype))
         self.bias = Parameter(np.zeros(out_channels, dtype=dtype))
 
-    def forward(self, x):
-        out, cache = conv2d_forward(x, self.weight.data, self.bias.data, self.stride)
-        self.save_for_backward(cache)
+    def forward(self, x, shift=None, add_to=None):
+        bias = self.bias.data if shift is None else self.bias.data + shift
+        out, cache = conv2d_forward(x, self.weight.data, bias, self.stride, add_to)
+        self.save_for_backward(cache, shift is not None)
         return out
 
     def backward(self, dout):
-        (cache,) = self.saved()
+        cache, shifted = self.saved()
         dx, dw, db = conv2d_backward(dout, cache, self.needs_input_grad)
         self.weight.grad += dw
         self.bias.grad += db
+        if shifted:
+            return dx, dout.reshape(len(dout), -1, dout.shape[-1]).sum(axis=1)
         return dx

@@ -73,13 +73,20 @@ def input_transform(d, out):
     np.subtract(d1, d3, out=out[3])
 
 
-def output_transform(m, out0, out1):
-    """``out_i = sum_k A^T[i, k] m[k]`` for four equal-shaped arrays ``m``, which it overwrites."""
+def output_transform(m, out0, out1, accumulate=False):
+    """``out_i = sum_k A^T[i, k] m[k]`` (or ``+=`` with ``accumulate``) for four equal-shaped
+    arrays ``m``, which it overwrites."""
     m0, m1, m2, m3 = m
     m0 += m1
-    np.add(m0, m2, out=out0)
     m1 -= m2
-    np.subtract(m1, m3, out=out1)
+    if accumulate:
+        m0 += m2
+        out0 += m0
+        m1 -= m3
+        out1 += m1
+    else:
+        np.add(m0, m2, out=out0)
+        np.subtract(m1, m3, out=out1)
 
 
 def gradient_transform(e, out):
@@ -118,13 +125,19 @@ def transformed_input(rows_k, out):
     input_transform([even[:, :, :-1], odd[:, :, :-1], even[:, :, 1:], odd[:, :, 1:]], out)
 
 
-def correlate_3x3(x, w):
-    """``x`` (N, H, W, C) zero-padded by 1, correlated with ``w`` (OC, C, 3, 3): (N, H, W, OC)."""
+def correlate_3x3(x, w, out=None, accumulate=False, finish=None):
+    """``x`` (N, H, W, C) zero-padded by 1, correlated with ``w`` (OC, C, 3, 3): (N, H, W, OC).
+
+    The result goes into ``out`` if given (added to its values with ``accumulate``), and
+    ``finish(start, stop)``, if given, runs on each chunk of the batch once its output
+    is there, while it is in cache (conv.py adds the bias).
+    """
     N, H, W, C = x.shape
     OC = w.shape[0]
     dtype = np.result_type(x, w)
     u = prepared_weight(w, ("winograd", dtype), lambda w: filter_transform(w, dtype))
-    out = np.empty((N, H, W, OC), dtype=dtype)
+    if out is None:
+        out = np.empty((N, H, W, OC), dtype=dtype)
 
     def chunk(start, stop):
         tiles = (stop - start, H // 2, W // 2)
@@ -151,7 +164,9 @@ def correlate_3x3(x, w):
         # (A^T M) A: the columns of the grid, written into the output's 2x2 tile positions.
         tile_out = out[start:stop]
         for i, s in enumerate((s0, s1)):
-            output_transform(s.reshape(4, *tiles, OC), tile_out[:, i::2, 0::2], tile_out[:, i::2, 1::2])
+            output_transform(s.reshape(4, *tiles, OC), tile_out[:, i::2, 0::2], tile_out[:, i::2, 1::2], accumulate)
+        if finish is not None:
+            finish(start, stop)
 
     map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS)
     return out
