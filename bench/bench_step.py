@@ -15,6 +15,9 @@ Rows (the example network, float32):
   warm-up call, and the timed calls measure a sampler's steady state.
 - ``peak memory``: the extra peak memory of a training step (see below).
 
+tinyddpm runs everything inside one ``array_cache()`` block (``nn/memory.py``), as ``train()``
+and ``sample()`` run all of their steps: large arrays reuse the memory of dead ones.
+
 Timing. Both implementations are built once, with the same weights and the same inputs. Each
 row first runs one warm-up call of each, then alternates tinyddpm, torch, tinyddpm, torch, ...
 ``--repeats`` times, so that whatever else the machine is doing (other tenants, clock changes)
@@ -93,7 +96,7 @@ class TinyddpmBench:
     def __init__(self, device, batch, state=None):
         from tinyddpm.backend import array_module
         from tinyddpm.diffusion import linear_schedule
-        from tinyddpm.nn import MSELoss
+        from tinyddpm.nn import MSELoss, array_cache
         from tinyddpm.optim import Adam
         from tinyddpm.unet import UNet, preset
 
@@ -107,7 +110,11 @@ class TinyddpmBench:
         self.schedule = linear_schedule()
         x0, self.t, noise = make_batch(batch)
         self.x0, self.noise = self.xp.asarray(x0), self.xp.asarray(noise)
-        self.frozen_block = None  # the sample rows' frozen_weights() block, once entered
+        # The blocks train() and sample() run their steps in: array_cache() from here on, and
+        # frozen_weights() from the first sample step, after the train rows.
+        self.blocks = contextlib.ExitStack()
+        self.blocks.enter_context(array_cache())
+        self.frozen = False
 
     def sync(self):
         if self.xp is not np:
@@ -122,9 +129,9 @@ class TinyddpmBench:
         from tinyddpm.diffusion import ancestral_step
         from tinyddpm.nn import frozen_weights, no_grad
 
-        if self.frozen_block is None:  # entered at the first sample step, after the train rows
-            self.frozen_block = contextlib.ExitStack()
-            self.frozen_block.enter_context(frozen_weights())
+        if not self.frozen:
+            self.blocks.enter_context(frozen_weights())
+            self.frozen = True
         x, z = self.noise[:batch], self.x0[:batch]
         with no_grad():
             eps = self.model(x, np.full(batch, SAMPLE_STEP))

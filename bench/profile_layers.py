@@ -5,7 +5,9 @@
 
 One training step of the example network (float32, batch 128 by default) after one warm-up
 step, or with ``--phase sample`` one sampler forward pass (``no_grad``, all steps inside one
-``frozen_weights()`` block, as ``sample()`` runs them). Every Module *instance* of the network (and the loss) gets its ``forward`` and
+``frozen_weights()`` block, as ``sample()`` runs them); both inside one ``array_cache()``
+block, as ``train()`` and ``sample()`` run. Every Module *instance* of the network (and the
+loss) gets its ``forward`` and
 ``backward`` wrapped by a timer stored as an instance attribute, which shadows the class's
 method for that object only: nothing is patched at module or class level, and the wrappers go
 away with the model. Calls nest (a residual block calls its convs), so each record keeps both
@@ -35,7 +37,7 @@ import numpy as np
 
 from tinyddpm.backend import array_module
 from tinyddpm.diffusion import linear_schedule
-from tinyddpm.nn import Module, MSELoss, frozen_weights, no_grad
+from tinyddpm.nn import Module, MSELoss, array_cache, frozen_weights, no_grad
 from tinyddpm.optim import Adam
 from tinyddpm.train import train_step
 from tinyddpm.unet import UNet, preset
@@ -116,7 +118,7 @@ def profile(device, phase, batch, steps):
                 return timer.time_call("step", "step", model, noise, t)
         return timer.time_call("step", "step", train_step, model, optimizer, loss_fn, schedule, x0, t, noise)
 
-    with frozen_weights() if phase == "sample" else contextlib.nullcontext():
+    with array_cache(), frozen_weights() if phase == "sample" else contextlib.nullcontext():
         one_step()  # warm-up
         timer.reset()
         for _ in range(steps):

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from tinyddpm.backend import get_array_module, to_device, to_host
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
-from tinyddpm.nn import frozen_weights, no_grad
+from tinyddpm.nn import array_cache, frozen_weights, no_grad
 
 
 def predict_noise(model, x, t, labels=None, guidance=1.0):
@@ -63,7 +63,7 @@ def sample(model, schedule, rng, num_images, sampler="ddpm", steps=None, eta=0.0
     x = noise()
     snapshots = [(T, to_host(x))] if display_every else []
     pairs = list(zip(timesteps, [*timesteps[1:], 0]))
-    with no_grad(), frozen_weights():
+    with no_grad(), frozen_weights(), array_cache():
         for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{sampler} sampling", unit="step", disable=not progress,
                                              dynamic_ncols=True), start=1):
             eps = predict_noise(model, x, int(t), labels, guidance)

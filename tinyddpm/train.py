@@ -27,7 +27,7 @@ from tinyddpm.datasets import DataError, load_dataset
 from tinyddpm.diffusion import linear_schedule, q_sample, sample_timesteps
 from tinyddpm.ema import EMA
 from tinyddpm.images import save_grid
-from tinyddpm.nn import MSELoss
+from tinyddpm.nn import MSELoss, array_cache
 from tinyddpm.optim import Adam
 from tinyddpm.sampling import ancestral_sample
 from tinyddpm.unet import UNet, preset
@@ -204,7 +204,7 @@ def _train(options, out_dir, device, resume, progress, log, group):
     bar = _progress_bar(total_steps, step, progress)
     started, first_step, loss = time.perf_counter(), step, float("nan")
     # Ranks other than 0 write their log rows nowhere.
-    with (_StopRequest(agreed=group is not None) as stop,
+    with (_StopRequest(agreed=group is not None) as stop, array_cache(),
           open(log_path if writing else os.devnull, "a", newline="") as log_file):
         writer = csv.writer(log_file)
         while step < total_steps and not stop.requested:

@@ -119,7 +119,8 @@ class AttentionBlock(SelfAttention):
 
     def backward(self, dout):
         B, H, W, C = dout.shape
-        dn = dout + super().backward(dout.reshape(B, H * W, C)).reshape(B, H, W, C)
+        dn = super().backward(dout.reshape(B, H * W, C)).reshape(B, H, W, C)
+        dn += dout
         return self.norm.backward(dn)
 
 
@@ -237,18 +238,19 @@ class UNet(Module):
         dh, dh5 = self.cat10.backward(res_backward(self.r10, dh))
         dh, dh6 = self.cat9.backward(res_backward(self.r9, dh))
 
+        # The skips' gradients (dh0 .. dh6, fresh arrays from the concats) gather in place.
         dh = res_backward(self.r8, self.a8.backward(dh))
         dh = res_backward(self.r7, self.a7.backward(dh))
-        dh6 = dh6 + dh
-        dh5 = dh5 + res_backward(self.r6, dh6)
+        dh6 += dh
+        dh5 += res_backward(self.r6, dh6)
         dh = self.down2.backward(res_backward(self.r5, dh5))
-        dh4 = dh4 + self.a4.backward(dh)
+        dh4 += self.a4.backward(dh)
         dh = res_backward(self.r4, dh4)
-        dh3 = dh3 + self.a3.backward(dh)
+        dh3 += self.a3.backward(dh)
         dh = self.down1.backward(res_backward(self.r3, dh3))
-        dh2 = dh2 + dh
-        dh1 = dh1 + res_backward(self.r2, dh2)
-        dh0 = dh0 + res_backward(self.r1, dh1)
+        dh2 += dh
+        dh1 += res_backward(self.r2, dh2)
+        dh0 += res_backward(self.r1, dh1)
         self.conv_in.backward(dh0)
 
         if self.config.num_classes:

@@ -15,12 +15,13 @@ from tinyddpm.nn.embedding import SinusoidalEmbedding
 from tinyddpm.nn.group_norm import GroupNorm, GroupNormSwish
 from tinyddpm.nn.label_embedding import LabelEmbedding
 from tinyddpm.nn.linear import Linear
+from tinyddpm.nn.memory import array_cache
 from tinyddpm.nn.loss import MSELoss
 from tinyddpm.nn.module import Module, Parameter, frozen_weights, no_grad
 from tinyddpm.nn.pooling import GlobalAvgPool
 
 __all__ = [
-    "BroadcastAdd", "Concat", "Conv2d", "ConvTranspose2d", "GlobalAvgPool", "GroupNorm",
+    "BroadcastAdd", "array_cache", "Concat", "Conv2d", "ConvTranspose2d", "GlobalAvgPool", "GroupNorm",
     "GroupNormSwish", "LabelEmbedding", "Linear", "MSELoss", "Module", "Parameter", "ScaledDotProductAttention",
     "SelfAttention", "SinusoidalEmbedding", "SoftmaxCrossEntropy", "Swish", "frozen_weights", "no_grad",
 ]

@@ -19,7 +19,7 @@ or as one fused kernel each on the GPU (``fused.py``).
 import numpy as np
 
 from tinyddpm.backend import get_array_module
-from tinyddpm.nn import fused
+from tinyddpm.nn import fused, memory
 from tinyddpm.nn.module import Module, grad_enabled
 from tinyddpm.nn.parallel import map_elementwise, scratch
 
@@ -45,7 +45,7 @@ def swish_backward(s, out, dout):
     xp = get_array_module(s)
     if xp is not np:
         return fused.swish_backward(s, out, dout)
-    grad = xp.empty_like(s)
+    grad = memory.empty_like(s)
 
     def chunk(s, out, dout, grad):
         xp.subtract(1.0, s, out=grad)
@@ -73,9 +73,9 @@ class Swish(Module):
             s, out = fused.swish_forward(x)
             self.save_for_backward(s, out)
             return out
-        out = x if self.inplace and x.flags.c_contiguous else xp.empty_like(x, order="C")
+        out = x if self.inplace and x.flags.c_contiguous else memory.empty_like(x)
         # Backward needs the sigmoid; without grad each chunk's lives in a small scratch buffer.
-        s = xp.empty_like(x, order="C") if grad_enabled() else None
+        s = memory.empty_like(x) if grad_enabled() else None
 
         def chunk(x, out, s=None):
             swish_into(x, out, scratch("swish sigmoid", x.shape, x.dtype) if s is None else s)

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn import memory
 from tinyddpm.nn.linear import Linear, linear_backward, linear_forward
 from tinyddpm.nn.module import Module, grad_enabled, prepared_weight
 from tinyddpm.nn.parallel import map_chunks, scratch
@@ -31,29 +32,6 @@ def softmax(scores):
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores
-
-
-def batched_matmul(a, b):
-    """``a @ b`` over the leading (batch, head) axes.
-
-    NumPy's stacked matmul does not hand transposed operands to BLAS and falls
-    back to a slow loop; one 2-D product per matrix pair does use BLAS (which
-    reads transposed views as they are), and is 10-40x faster here; chunks of
-    the batch share these products out over the cores. CuPy's batched matmul is
-    fine as it is.
-    """
-    xp = get_array_module(a)
-    if xp is not np:
-        return xp.matmul(a, b)
-    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-
-    def chunk(start, stop):
-        for index in np.ndindex(stop - start, *a.shape[1:-2]):
-            index = (start + index[0], *index[1:])
-            np.matmul(a[index], b[index], out=out[index])
-
-    map_chunks(chunk, a.shape[0], np, rows_per_item=a.shape[-2])
-    return out
 
 
 def _split_heads(a, heads):
@@ -84,24 +62,26 @@ class ScaledDotProductAttention(Module):
             raise ValueError(f"{C} channels do not split into {heads} heads")
         scale = 1.0 / math.sqrt(C // heads)
         kh, vh = _split_heads(k, heads), _split_heads(v, heads)
-        if get_array_module(q) is not np:
+        xp = get_array_module(q)
+        if xp is not np:  # CuPy: batched products over the (N, h) axes
             qh = _split_heads(q, heads) * scale
-            p = softmax(batched_matmul(qh, kh.transpose(0, 1, 3, 2)))
+            p = softmax(xp.matmul(qh, kh.transpose(0, 1, 3, 2)))
             self.save_for_backward(qh, kh, vh, p)
-            return _merge_heads(batched_matmul(p, vh))
+            return _merge_heads(xp.matmul(p, vh))
         return self._forward_numpy(_split_heads(q, heads), kh, vh, scale)
 
     def _forward_numpy(self, qh, kh, vh, scale):
         """The whole forward chunk by chunk of the batch, so that each chunk's scores are
         built, normalised and used while they are in cache. Without grad, the scaled queries
-        and the scores live in per-thread scratch arrays."""
+        and the scores live in per-thread scratch arrays. The products are 2-D, one per
+        sample and head: NumPy's stacked matmul does not hand transposed operands to BLAS."""
         N, heads, L, D = qh.shape
         dtype = np.result_type(qh, kh, vh)
         keep = grad_enabled()
-        out = np.empty((N, L, heads * D), dtype=dtype)
+        out = memory.empty((N, L, heads * D), dtype)
         out_h = _split_heads(out, heads)
-        q_scaled = np.empty(qh.shape, dtype=dtype) if keep else None
-        p = np.empty((N, heads, L, L), dtype=dtype) if keep else None
+        q_scaled = memory.empty(qh.shape, dtype) if keep else None
+        p = memory.empty((N, heads, L, L), dtype) if keep else None
 
         def chunk(start, stop):
             n = stop - start
@@ -123,15 +103,16 @@ class ScaledDotProductAttention(Module):
         qh, kh, vh, p = self.saved()
         doh = _split_heads(dout, self.num_heads)
         scale = 1.0 / math.sqrt(qh.shape[-1])
-        if get_array_module(dout) is np:
+        xp = get_array_module(dout)
+        if xp is np:
             return self._backward_numpy(doh, qh, kh, vh, p, scale)
-        dv = batched_matmul(p.transpose(0, 1, 3, 2), doh)
-        dscores = batched_matmul(doh, vh.transpose(0, 1, 3, 2))
+        dv = xp.matmul(p.transpose(0, 1, 3, 2), doh)
+        dscores = xp.matmul(doh, vh.transpose(0, 1, 3, 2))
         dscores -= (dscores * p).sum(axis=-1, keepdims=True)
         dscores *= p
-        dq = batched_matmul(dscores, kh)
+        dq = xp.matmul(dscores, kh)
         dq *= scale
-        dk = batched_matmul(dscores.transpose(0, 1, 3, 2), qh)
+        dk = xp.matmul(dscores.transpose(0, 1, 3, 2), qh)
         return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
 
     @staticmethod
@@ -139,7 +120,7 @@ class ScaledDotProductAttention(Module):
         """Backward chunk by chunk of the batch, each chunk's score gradients in a scratch array."""
         N, heads, L, D = qh.shape
         dtype = np.result_type(doh, qh)
-        dq, dk, dv = (np.empty((N, L, heads * D), dtype=dtype) for _ in range(3))
+        dq, dk, dv = (memory.empty((N, L, heads * D), dtype) for _ in range(3))
         dqh, dkh, dvh = (_split_heads(a, heads) for a in (dq, dk, dv))
 
         def chunk(start, stop):
@@ -196,9 +177,11 @@ class SelfAttention(Module):
     def backward(self, dout):
         (cache,) = self.saved()
         dq, dk, dv = self.attention.backward(self.o.backward(dout))
-        xp = get_array_module(dout)
-        ds, dw, db = linear_backward(xp.concatenate([dq, dk, dv], axis=-1), cache)
-        C = ds.shape[-1]
+        C = dq.shape[-1]
+        dqkv = memory.empty((*dq.shape[:-1], 3 * C), dq.dtype, get_array_module(dq))
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[..., i * C:(i + 1) * C] = d
+        ds, dw, db = linear_backward(dqkv, cache)
         for i, projection in enumerate((self.q, self.k, self.v)):
             projection.weight.grad += dw[i * C:(i + 1) * C]
             projection.bias.grad += db[i * C:(i + 1) * C]

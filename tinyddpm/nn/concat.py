@@ -9,6 +9,7 @@ runs on one core in NumPy, and the pages of a fresh output fault in where it is 
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn import memory
 from tinyddpm.nn.module import Module
 from tinyddpm.nn.parallel import map_chunks
 
@@ -22,7 +23,7 @@ class Concat(Module):
         if xp is not np:
             return xp.concatenate((a, b), axis=-1)
         Ca = a.shape[-1]
-        out = np.empty((*a.shape[:-1], Ca + b.shape[-1]), dtype=np.result_type(a, b))
+        out = memory.empty((*a.shape[:-1], Ca + b.shape[-1]), np.result_type(a, b))
 
         def chunk(start, stop):
             out[start:stop, ..., :Ca] = a[start:stop]
@@ -36,7 +37,7 @@ class Concat(Module):
         xp = get_array_module(dout)
         if xp is not np:
             return xp.ascontiguousarray(dout[..., :Ca]), xp.ascontiguousarray(dout[..., Ca:])
-        da, db = np.empty_like(dout[..., :Ca]), np.empty_like(dout[..., Ca:])
+        da, db = memory.empty_like(dout[..., :Ca]), memory.empty_like(dout[..., Ca:])
 
         def chunk(start, stop):
             da[start:stop] = dout[start:stop, ..., :Ca]

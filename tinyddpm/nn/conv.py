@@ -50,7 +50,7 @@ So 3x3 stride 1 pads 1 on every side, 1x1 pads nothing, and 3x3 stride 2 pads
 import numpy as np
 
 from tinyddpm.backend import get_array_module
-from tinyddpm.nn import fused
+from tinyddpm.nn import fused, memory
 from tinyddpm.nn.module import Module, Parameter, prepared_weight
 from tinyddpm.nn.parallel import CHUNK_ROWS, map_chunks, scratch
 from tinyddpm.nn.winograd import correlate_3x3, correlate_3x3_weight_grad
@@ -179,7 +179,7 @@ def output_array(x, w, shape, add_to):
             raise ValueError(f"add_to has shape {add_to.shape}, the conv's output {shape}")
         return add_to
     xp = get_array_module(x)
-    return xp.empty(shape, dtype=xp.result_type(x, w))
+    return memory.empty(shape, xp.result_type(x, w), xp)
 
 
 def add_bias(out_c, bias, start, stop):
@@ -316,7 +316,7 @@ def correlate_input_grad(dout, w, x_shape, stride):
     w_matrix_t = prepared_weight(w, "matrix transposed", lambda w: xp.ascontiguousarray(weight_matrix(w).T))
     padded_shape = (H + sum(pad_h), W + sum(pad_w), C)
     dtype = xp.result_type(dout, w)
-    dx = xp.empty(x_shape, dtype=dtype)
+    dx = memory.empty(x_shape, dtype, xp)
     in_rows = dout.shape[1] * dout.shape[2]
 
     def work_array(name, shape):

@@ -26,9 +26,9 @@ On the GPU the same sums and products run as a few fused kernels (``fused.py``).
 import numpy as np
 
 from tinyddpm.backend import get_array_module
-from tinyddpm.nn import fused
-from tinyddpm.nn.activation import swish_backward, swish_into
-from tinyddpm.nn.module import Module, Parameter, grad_enabled
+from tinyddpm.nn import fused, memory
+from tinyddpm.nn.activation import sigmoid, swish_backward, swish_into
+from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks, scratch
 
 # A chunk of the batch holds 2^17 to 2^18 numbers (0.5-1 MB in float32): it stays in cache
@@ -82,7 +82,7 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
         return fused.group_norm_forward(x, gamma, beta, G, eps)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    out = xp.empty_like(x3, order="C")
+    out = memory.empty_like(x3)
     mean, inv_std = xp.empty((N, 1, C), dtype=x.dtype), xp.empty((N, 1, C), dtype=x.dtype)
 
     def chunk(start, stop):
@@ -95,31 +95,51 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
 def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False):
     """``swish(group_norm(x))``, each chunk's Swish done while its normalised values are in cache.
 
-    Returns ``(out, normalised, sigmoid, cache)``: ``normalised`` (the GroupNorm output) only
-    with ``keep_normalised`` and ``sigmoid`` only with grad (both None otherwise); ``cache``
-    is :func:`group_norm_forward`'s.
+    Returns ``(out, normalised, cache)``, ``normalised`` (the GroupNorm output) only with
+    ``keep_normalised`` (else None). On NumPy the sigmoid lives in a scratch chunk and is
+    not kept: backward recomputes it with the normalised values, chunk by chunk (one
+    activation-sized array fewer per layer in training).
     """
     xp = get_array_module(x)
     if xp is not np:
         normalised, cache = fused.group_norm_forward(x, gamma, beta, G, eps)
         s, out = fused.swish_forward(normalised)
-        return out, normalised if keep_normalised else None, s, cache
+        return out, normalised if keep_normalised else None, (cache, s, out)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
-    out = xp.empty_like(x3, order="C")
-    normalised = xp.empty_like(x3, order="C") if keep_normalised else out  # Swish then runs in place
-    s = xp.empty_like(x3, order="C") if grad_enabled() else None
+    out = memory.empty_like(x3)
+    normalised = memory.empty_like(x3) if keep_normalised else out  # Swish then runs in place
     mean, inv_std = xp.empty((N, 1, C), dtype=x.dtype), xp.empty((N, 1, C), dtype=x.dtype)
 
     def chunk(start, stop):
         n_c = normalised[start:stop]
         _normalise(x3[start:stop], gamma, beta, G, eps, n_c, mean[start:stop], inv_std[start:stop])
-        s_c = scratch("swish sigmoid", n_c.shape, n_c.dtype) if s is None else s[start:stop]
-        swish_into(n_c, out[start:stop], s_c)
+        swish_into(n_c, out[start:stop], scratch("swish sigmoid", n_c.shape, n_c.dtype))
 
     _map_samples(chunk, x3)
     return (out.reshape(x.shape), normalised.reshape(x.shape) if keep_normalised else None,
-            None if s is None else s.reshape(x.shape), (x3, mean, inv_std, gamma, G))
+            (x3, mean, inv_std, gamma, beta, G))
+
+
+def _backward_chunk(dout_c, xhat_c, inv_std_c, gamma, G, dx_c):
+    """GroupNorm's input gradient for one chunk of whole samples, into ``dx_c``.
+
+    ``dout_c`` and ``xhat_c`` (n, L, C); returns the chunk's ``(dgamma, dbeta)``.
+    """
+    _, L, C = xhat_c.shape
+    count = L * (C // G)
+    sum_dout = dout_c.sum(axis=1)  # (n, C)
+    sum_dout_xhat = _channel_dot(dout_c, xhat_c)  # (n, C)
+    mean_dxhat = _group_mean(sum_dout * gamma, G, count)
+    mean_dxhat_xhat = _group_mean(sum_dout_xhat * gamma, G, count)
+    get_array_module(dx_c).multiply(dout_c, gamma * inv_std_c, out=dx_c)
+    dx_c -= xhat_c * (mean_dxhat_xhat * inv_std_c)
+    dx_c -= mean_dxhat * inv_std_c
+    return sum_dout_xhat.sum(axis=0), sum_dout.sum(axis=0)
+
+
+def _sum_partials(partials):
+    return sum(dgamma for dgamma, _ in partials), sum(dbeta for _, dbeta in partials)
 
 
 def group_norm_backward(dout, cache):
@@ -128,27 +148,55 @@ def group_norm_backward(dout, cache):
     if xp is not np:
         return fused.group_norm_backward(dout, cache)
     x3, mean, inv_std, gamma, G = cache
-    N, L, C = x3.shape
     dout3 = dout.reshape(x3.shape)
-    count = L * (C // G)
-    dx = xp.empty(x3.shape, dtype=x3.dtype)
+    dx = memory.empty_like(x3)
 
     def chunk(start, stop):
-        dout_c, inv_std_c, dx_c = dout3[start:stop], inv_std[start:stop], dx[start:stop]
         xhat_c = xp.subtract(x3[start:stop], mean[start:stop])
-        xhat_c *= inv_std_c
-        sum_dout = dout_c.sum(axis=1)  # (n, C)
-        sum_dout_xhat = _channel_dot(dout_c, xhat_c)  # (n, C)
-        mean_dxhat = _group_mean(sum_dout * gamma, G, count)
-        mean_dxhat_xhat = _group_mean(sum_dout_xhat * gamma, G, count)
-        xp.multiply(dout_c, gamma * inv_std_c, out=dx_c)
-        dx_c -= xhat_c * (mean_dxhat_xhat * inv_std_c)
-        dx_c -= mean_dxhat * inv_std_c
-        return sum_dout_xhat.sum(axis=0), sum_dout.sum(axis=0)  # this chunk's dgamma, dbeta
+        xhat_c *= inv_std[start:stop]
+        return _backward_chunk(dout3[start:stop], xhat_c, inv_std[start:stop], gamma, G, dx[start:stop])
 
-    partials = _map_samples(chunk, x3)
-    dgamma = sum(dgamma for dgamma, _ in partials)
-    dbeta = sum(dbeta for _, dbeta in partials)
+    dgamma, dbeta = _sum_partials(_map_samples(chunk, x3))
+    return dx.reshape(dout.shape), dgamma, dbeta
+
+
+def group_norm_swish_backward(dout, dnormalised, cache):
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`group_norm_swish_forward`, given the gradient
+    ``dout`` of its output and (or None) ``dnormalised`` of its normalised values.
+
+    With ``n`` the normalised values and ``s = sigmoid(n)``, Swish's derivative is
+    ``s * (1 + n * (1 - s))``. On NumPy each chunk recomputes ``xhat``, ``n`` and ``s`` from the
+    input and the statistics, in scratch arrays, and goes straight on to GroupNorm's gradient.
+    """
+    xp = get_array_module(dout)
+    if xp is not np:
+        gn_cache, s, out = cache
+        dn = swish_backward(s, out, dout)
+        if dnormalised is not None:
+            dn += dnormalised
+        return group_norm_backward(dn, gn_cache)
+    x3, mean, inv_std, gamma, beta, G = cache
+    dout3 = dout.reshape(x3.shape)
+    dnormalised3 = None if dnormalised is None else dnormalised.reshape(x3.shape)
+    dx = memory.empty_like(x3)
+
+    def chunk(start, stop):
+        shape, dtype = (stop - start, *x3.shape[1:]), x3.dtype
+        xhat = xp.subtract(x3[start:stop], mean[start:stop], out=scratch("group norm xhat", shape, dtype))
+        xhat *= inv_std[start:stop]
+        n = xp.multiply(xhat, gamma, out=scratch("group norm output", shape, dtype))
+        n += beta
+        s = sigmoid(n, out=scratch("swish sigmoid", shape, dtype))
+        dn = xp.subtract(1.0, s, out=scratch("group norm output gradient", shape, dtype))
+        dn *= n
+        dn += 1.0
+        dn *= s  # Swish's derivative
+        dn *= dout3[start:stop]
+        if dnormalised3 is not None:
+            dn += dnormalised3[start:stop]
+        return _backward_chunk(dn, xhat, inv_std[start:stop], gamma, G, dx[start:stop])
+
+    dgamma, dbeta = _sum_partials(_map_samples(chunk, x3))
     return dx.reshape(dout.shape), dgamma, dbeta
 
 
@@ -190,6 +238,9 @@ class GroupNormSwish(GroupNorm):
     On NumPy each chunk of the batch is normalised and then put through the Swish while
     it is in cache, and without ``keep_normalised`` the Swish writes over the normalised
     values: one pass over memory fewer than the two layers apart, and one array fewer.
+    Training keeps only the input and the per-group statistics: backward recomputes the
+    normalised values and their sigmoid chunk by chunk, so the sigmoid, an activation-sized
+    array, is not kept either.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, keep_normalised=False, dtype=np.float32):
@@ -197,17 +248,14 @@ class GroupNormSwish(GroupNorm):
         self.keep_normalised = keep_normalised
 
     def forward(self, x):
-        out, normalised, s, cache = group_norm_swish_forward(
+        out, normalised, cache = group_norm_swish_forward(
             x, self.weight.data, self.bias.data, self.num_groups, self.eps, self.keep_normalised)
-        self.save_for_backward(cache, s, out)
+        self.save_for_backward(cache)
         return (normalised, out) if self.keep_normalised else out
 
     def backward(self, dout, dnormalised=None):
-        cache, s, out = self.saved()
-        dn = swish_backward(s, out, dout)
-        if dnormalised is not None:
-            dn += dnormalised
-        dx, dgamma, dbeta = group_norm_backward(dn, cache)
+        (cache,) = self.saved()
+        dx, dgamma, dbeta = group_norm_swish_backward(dout, dnormalised, cache)
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx

@@ -7,6 +7,7 @@ Shapes: input ``x`` (..., in) with any leading dims, weight ``W`` (out, in)
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn import memory
 from tinyddpm.nn.conv import bias_grad, glorot_uniform
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks
@@ -20,7 +21,7 @@ def linear_forward(x, w, b):
     xp = get_array_module(x)
     out_features, in_features = w.shape
     x2d = x.reshape(-1, in_features)
-    out = xp.empty((x2d.shape[0], out_features), dtype=xp.result_type(x, w))
+    out = memory.empty((x2d.shape[0], out_features), xp.result_type(x, w), xp)
 
     def chunk(start, stop):
         xp.matmul(x2d[start:stop], w.T, out=out[start:stop])
@@ -36,7 +37,7 @@ def linear_backward(dout, cache):
     xp = get_array_module(x)
     out_features, in_features = w.shape
     dout2d, x2d = dout.reshape(-1, out_features), x.reshape(-1, in_features)
-    dx = xp.empty(x2d.shape, dtype=xp.result_type(dout, w))
+    dx = memory.empty(x2d.shape, xp.result_type(dout, w), xp)
 
     def chunk(start, stop):
         xp.matmul(dout2d[start:stop], w, out=dx[start:stop])

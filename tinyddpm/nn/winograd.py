@@ -43,6 +43,7 @@ about 1e-15, and in float32 they are about as accurate as im2col's.
 
 import numpy as np
 
+from tinyddpm.nn import memory
 from tinyddpm.nn.module import prepared_weight
 from tinyddpm.nn.parallel import map_chunks, one_blas_thread, scratch
 
@@ -137,7 +138,7 @@ def correlate_3x3(x, w, out=None, accumulate=False, finish=None):
     dtype = np.result_type(x, w)
     u = prepared_weight(w, ("winograd", dtype), lambda w: filter_transform(w, dtype))
     if out is None:
-        out = np.empty((N, H, W, OC), dtype=dtype)
+        out = memory.empty((N, H, W, OC), dtype)
 
     def chunk(start, stop):
         tiles = (stop - start, H // 2, W // 2)
