@@ -66,13 +66,13 @@ class LayerTimer:
             for phase in ("forward", "backward"):
                 setattr(sub, phase, self._wrap(getattr(sub, phase), name, phase))
 
-    def time_call(self, name, phase, fn, *args):
-        """Time ``fn(*args)`` as the record ``(name, phase)``."""
+    def time_call(self, name, phase, fn, *args, **kwargs):
+        """Time ``fn(*args, **kwargs)`` as the record ``(name, phase)``."""
         self.sync()
         start = time.perf_counter()
         self._children.append(0.0)
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.sync()
             elapsed = time.perf_counter() - start
@@ -85,8 +85,8 @@ class LayerTimer:
             record["self"] += elapsed - inner
 
     def _wrap(self, method, name, phase):
-        def timed(*args):
-            return self.time_call(name, phase, method, *args)
+        def timed(*args, **kwargs):
+            return self.time_call(name, phase, method, *args, **kwargs)
 
         return timed
 
