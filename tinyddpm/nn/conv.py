@@ -33,13 +33,12 @@ this was measured on (batch 128, the example network's shapes):
   at least 64, and loses with 32 or fewer.
 
 Every other conv, and every conv on CuPy, keeps im2col, except a conv with few
-output channels (KH*KW*OC <= C, such as the network's last, 128 -> 1, on either
-device): it
-multiplies every input pixel by all KH*KW taps' weights at once, a (C, KH*KW*OC)
-matrix, and adds each tap's products in at its offset, which never copies the
-input nine times over (``correlate_taps``). Its weight gradient is the same
-product read backwards: the output gradient placed at each tap's offset, times
-the input.
+output channels (KH*KW*OC <= C, such as the network's last, 128 -> 1), on either
+device: it multiplies every input pixel by all KH*KW taps' weights at once, a
+(C, KH*KW*OC) matrix, and adds each tap's products in at its offset, which never
+copies the input nine times over (``correlate_taps``). Its weight gradient is the
+same product read backwards: the output gradient placed at each tap's offset,
+times the input.
 
 Padding follows MATLAB's ``"same"``: the output is ceil(H / stride) tall, and an
 odd total padding puts the extra row at the bottom (and column at the right).
