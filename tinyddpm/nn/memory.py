@@ -16,18 +16,20 @@ fit exactly), or a new one; the cache is dropped when the outermost block ends.
 
 Outside a block, on CuPy (whose memory pool already does this), and for arrays
 smaller than ``MIN_BYTES`` (which malloc keeps on its free lists anyway), :func:`empty`
-is ``xp.empty``. Call it from the thread that runs the layers, not from chunks.
+is ``xp.empty``. The layers call it from the thread that runs them, never from chunks.
 """
 
 import contextlib
 import math
 import sys
+import threading
 
 import numpy as np
 
 MIN_BYTES = 1 << 20
 
 _buffers = None  # the uint8 buffers handed out so far, inside array_cache()
+_lock = threading.Lock()  # finding a free buffer and handing it out is one step
 
 
 def _refcount_when_free():
@@ -61,15 +63,16 @@ def empty(shape, dtype, xp=np):
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype=dtype)
-    best = None
-    for buffer in _buffers:  # the smallest free buffer that is big enough
-        if buffer.nbytes >= nbytes and sys.getrefcount(buffer) == _FREE:
-            if best is None or buffer.nbytes < best.nbytes:
-                best = buffer
-    if best is None:
-        best = np.empty(nbytes, dtype=np.uint8)
-        _buffers.append(best)
-    return best[:nbytes].view(dtype).reshape(shape)
+    with _lock:
+        best = None
+        for buffer in _buffers:  # the smallest free buffer that is big enough
+            if buffer.nbytes >= nbytes and sys.getrefcount(buffer) == _FREE:
+                if best is None or buffer.nbytes < best.nbytes:
+                    best = buffer
+        if best is None:
+            best = np.empty(nbytes, dtype=np.uint8)
+            _buffers.append(best)
+        return best[:nbytes].view(dtype).reshape(shape)
 
 
 def empty_like(a):
