@@ -3,6 +3,7 @@
 Shapes: ``h`` (N, H, W, C), ``e`` (N, C) -> out (N, H, W, C) = ``h + e[:, None, None, :]``.
 """
 
+from tinyddpm.nn.conv import pixel_sums
 from tinyddpm.nn.module import Module
 
 
@@ -10,22 +11,12 @@ class BroadcastAdd(Module):
     """``h + e`` broadcast over the pixels; backward gives ``(dh, de)``.
 
     ``dh`` is ``dout`` itself, not a copy: like every incoming gradient it is read-only.
-    With ``inplace=True`` forward adds into ``h`` and returns it, sparing an
-    activation-sized array; for an ``h`` that nothing else reads, such as a conv's output.
     """
 
-    def __init__(self, inplace=False):
-        self.inplace = inplace
-
     def forward(self, h, e):
-        self.save_for_backward(h.shape)
-        if self.inplace:
-            h += e[:, None, None, :]
-            return h
+        self.save_for_backward()
         return h + e[:, None, None, :]
 
     def backward(self, dout):
-        (shape,) = self.saved()
-        N, H, W, C = shape
-        de = dout.reshape(N, H * W, C).sum(axis=1)
-        return dout, de
+        self.saved()
+        return dout, pixel_sums(dout)

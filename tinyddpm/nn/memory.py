@@ -26,6 +26,8 @@ import threading
 
 import numpy as np
 
+from tinyddpm.backend import get_array_module
+
 MIN_BYTES = 1 << 20
 
 _buffers = None  # the uint8 buffers handed out so far, inside array_cache()
@@ -77,6 +79,4 @@ def empty(shape, dtype, xp=np):
 
 def empty_like(a):
     """:func:`empty` with the shape, dtype and array module of ``a`` (C order)."""
-    from tinyddpm.backend import get_array_module
-
     return empty(a.shape, a.dtype, get_array_module(a))
