@@ -11,8 +11,10 @@ With ``s = sigmoid(x)`` the derivative is ``s * (1 + x * (1 - s))``, which is
 ``s + out * (1 - s)``: backward needs ``s`` and the output only. The output is
 also what the next layer keeps for its own backward, so saving it costs no
 memory, and the input can be freed (one activation fewer per Swish).
-Without grad (sampling) no sigmoid is kept: each chunk's lives in a small scratch
-buffer. Both directions run chunk by chunk on all cores (see ``parallel.py``),
+The output is computed as ``x / (1 + exp(-x))``: a division in place of the
+sigmoid's reciprocal and a product, one pass fewer. Training then turns the kept
+denominator into the sigmoid; without grad (sampling) nothing is kept, and each
+chunk's denominator lives in a small scratch buffer. Both directions run chunk by chunk on all cores (see ``parallel.py``),
 or as one fused kernel each on the GPU (``fused.py``).
 """
 
@@ -36,8 +38,23 @@ def sigmoid(x, out=None):
 
 
 def swish_into(x, out, s):
-    """``out = x * sigmoid(x)`` with the sigmoid in ``s`` (NumPy; ``out`` may be ``x``)."""
-    np.multiply(x, sigmoid(x, out=s), out=out)
+    """``out = x * sigmoid(x)``, as ``x / (1 + exp(-x))`` with ``s`` for the denominator
+    (NumPy; ``out`` may be ``x``). Four passes: one fewer than the sigmoid and a product."""
+    with np.errstate(over="ignore"):
+        np.negative(x, out=s)
+        np.exp(s, out=s)
+    s += 1.0
+    np.divide(x, s, out=out)
+
+
+def swish_of_negated_into(negated, out, s):
+    """``out = swish(x)`` from ``negated = -x``, as ``-x / (-1 - exp(-x))`` with ``s`` for the
+    denominator (NumPy; ``out`` may be ``negated``): three passes, for a caller that can make
+    ``-x`` as cheaply as ``x``. Negation is exact, so this equals :func:`swish_into` bit for bit."""
+    with np.errstate(over="ignore"):
+        np.exp(negated, out=s)
+    np.subtract(-1.0, s, out=s)
+    np.divide(negated, s, out=out)
 
 
 def swish_backward(s, out, dout):
@@ -78,7 +95,11 @@ class Swish(Module):
         s = memory.empty_like(x) if grad_enabled() else None
 
         def chunk(x, out, s=None):
-            swish_into(x, out, scratch("swish sigmoid", x.shape, x.dtype) if s is None else s)
+            if s is None:
+                swish_into(x, out, scratch("swish denominator", x.shape, x.dtype))
+            else:
+                swish_into(x, out, s)
+                np.reciprocal(s, out=s)  # the denominator 1 + exp(-x) becomes the sigmoid
 
         map_elementwise(chunk, x, out, *(() if s is None else (s,)))
         self.save_for_backward(s, out)

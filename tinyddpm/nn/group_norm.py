@@ -27,7 +27,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused, memory
-from tinyddpm.nn.activation import sigmoid, swish_backward, swish_into
+from tinyddpm.nn.activation import sigmoid, swish_backward, swish_into, swish_of_negated_into
 from tinyddpm.nn.conv import pixel_sums
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks, scratch
@@ -59,8 +59,12 @@ def _channel_dot(a, b):
     return get_array_module(a).einsum("nlc,nlc->nc", a, b)
 
 
-def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std):
-    """Group-normalise ``x3`` (n, L, C) into ``out``, its statistics into ``mean``, ``inv_std`` (n, 1, C)."""
+def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std, negate=False):
+    """Group-normalise ``x3`` (n, L, C) into ``out``, its statistics into ``mean``, ``inv_std`` (n, 1, C).
+
+    With ``negate`` the output is the normalised values' negation, at no extra cost (for
+    :func:`swish_of_negated_into`).
+    """
     xp = get_array_module(x3)
     _, L, C = x3.shape
     count = L * (C // G)
@@ -68,8 +72,12 @@ def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std):
     xp.subtract(x3, mean, out=out)
     xp.sqrt(_group_mean(_channel_dot(out, out), G, count) + eps, out=inv_std)
     xp.divide(1.0, inv_std, out=inv_std)
-    out *= inv_std * gamma  # xhat * gamma, in one pass
-    out += beta
+    if negate:
+        out *= inv_std * -gamma
+        out -= beta
+    else:
+        out *= inv_std * gamma  # xhat * gamma, in one pass
+        out += beta
 
 
 def group_norm_forward(x, gamma, beta, G, eps=1e-5):
@@ -97,9 +105,10 @@ def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False)
     """``swish(group_norm(x))``, each chunk's Swish done while its normalised values are in cache.
 
     Returns ``(out, normalised, cache)``, ``normalised`` (the GroupNorm output) only with
-    ``keep_normalised`` (else None). On NumPy the sigmoid lives in a scratch chunk and is
-    not kept: backward recomputes it with the normalised values, chunk by chunk (one
-    activation-sized array fewer per layer in training).
+    ``keep_normalised`` (else None). On NumPy the sigmoid is not kept: backward recomputes
+    it with the normalised values, chunk by chunk (one activation-sized array fewer per
+    layer in training). Without ``keep_normalised`` each chunk is normalised straight
+    into its negation, from which the Swish takes three passes instead of four.
     """
     xp = get_array_module(x)
     if xp is not np:
@@ -114,8 +123,14 @@ def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False)
 
     def chunk(start, stop):
         n_c = normalised[start:stop]
-        _normalise(x3[start:stop], gamma, beta, G, eps, n_c, mean[start:stop], inv_std[start:stop])
-        swish_into(n_c, out[start:stop], scratch("swish sigmoid", n_c.shape, n_c.dtype))
+        stats = mean[start:stop], inv_std[start:stop]
+        denominator = scratch("swish denominator", n_c.shape, n_c.dtype)
+        if keep_normalised:
+            _normalise(x3[start:stop], gamma, beta, G, eps, n_c, *stats)
+            swish_into(n_c, out[start:stop], denominator)
+        else:  # out holds -n, which spares the Swish a pass
+            _normalise(x3[start:stop], gamma, beta, G, eps, n_c, *stats, negate=True)
+            swish_of_negated_into(n_c, n_c, denominator)
 
     _map_samples(chunk, x3)
     return (out.reshape(x.shape), normalised.reshape(x.shape) if keep_normalised else None,
