@@ -157,8 +157,9 @@ def correlate(x, w, stride, padding=None, bias=None, add_to=None):
     ``padding`` is ``((top, bottom), (left, right))``, MATLAB "same" if None. ``bias``, if
     given, is added to every pixel: one vector (OC,), or one per sample (N, OC). With
     ``add_to`` (N, OH, OW, OC) the result is added into that array, which is returned.
-    Every road adds both to each chunk of the output while it is in cache, rather than in
-    passes of their own over the whole output.
+    Every road adds both to each chunk of the output while it is in cache (Winograd adds
+    the bias to a quarter of its products instead), rather than in passes of their own over
+    the whole output.
     """
     if padding is None:
         padding = same_padding(x.shape[1], w.shape[2], stride), same_padding(x.shape[2], w.shape[3], stride)
@@ -166,8 +167,7 @@ def correlate(x, w, stride, padding=None, bias=None, add_to=None):
         return correlate_taps(x, w, stride, padding, bias, add_to)
     if winograd_fits(x, *w.shape[2:], stride, padding) and x.shape[3] >= WINOGRAD_MIN_CHANNELS:
         out = output_array(x, w, (*x.shape[:3], w.shape[0]), add_to)
-        return correlate_3x3(x, w, out, accumulate=add_to is not None,
-                             finish=lambda start, stop: add_bias(out[start:stop], bias, start, stop))
+        return correlate_3x3(x, w, out, accumulate=add_to is not None, bias=bias)
     return correlate_im2col(x, w, stride, padding, bias, add_to)
 
 

@@ -126,12 +126,14 @@ def transformed_input(rows_k, out):
     input_transform([even[:, :, :-1], odd[:, :, :-1], even[:, :, 1:], odd[:, :, 1:]], out)
 
 
-def correlate_3x3(x, w, out=None, accumulate=False, finish=None):
+def correlate_3x3(x, w, out=None, accumulate=False, bias=None):
     """``x`` (N, H, W, C) zero-padded by 1, correlated with ``w`` (OC, C, 3, 3): (N, H, W, OC).
 
-    The result goes into ``out`` if given (added to its values with ``accumulate``), and
-    ``finish(start, stop)``, if given, runs on each chunk of the batch once its output
-    is there, while it is in cache (conv.py adds the bias).
+    The result goes into ``out`` if given (added to its values with ``accumulate``). A
+    ``bias``, one vector (OC,) or one per sample (N, OC), is added to every pixel: to the
+    products of grid point (1, 1) only, since column 1 of A^T is (1, 1), so ``A^T E A``
+    carries a bias ``E`` at that point to all four pixels of the tile. That is a pass over
+    a quarter of the output instead of over all of it.
     """
     N, H, W, C = x.shape
     OC = w.shape[0]
@@ -155,6 +157,9 @@ def correlate_3x3(x, w, out=None, accumulate=False, finish=None):
         s0, s1, m = scratch("winograd M", (3, 4, np.prod(tiles), OC), dtype)
         products(0, s0)
         products(1, s1)
+        if bias is not None:
+            m11 = s1[1].reshape(tiles[0], -1, OC)
+            m11 += bias if bias.ndim == 1 else bias[start:stop, None, :]
         s0 += s1
         products(2, m)
         s0 += m
@@ -166,8 +171,6 @@ def correlate_3x3(x, w, out=None, accumulate=False, finish=None):
         tile_out = out[start:stop]
         for i, s in enumerate((s0, s1)):
             output_transform(s.reshape(4, *tiles, OC), tile_out[:, i::2, 0::2], tile_out[:, i::2, 1::2], accumulate)
-        if finish is not None:
-            finish(start, stop)
 
     map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS)
     return out
