@@ -27,6 +27,16 @@ def test_chunk_bounds_cover_the_range_in_order(monkeypatch, n, rows, threads):
     assert all(stop > start for start, stop in bounds)
 
 
+def test_work_of_the_minimum_size_gets_a_chunk_for_every_thread(monkeypatch):
+    """The minimum chunk size never leaves a thread idle on work that reaches it; smaller
+    work stays one chunk."""
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    # 16 items of 2^14 rows: 2^18 rows in all, exactly the minimum
+    assert parallel.chunk_bounds(16, 1 << 14, chunk_rows=1 << 20, min_rows=1 << 18) == [(0, 8), (8, 16)]
+    assert parallel.chunk_bounds(16, 256, chunk_rows=1 << 20, min_rows=1 << 18) == [(0, 16)]
+    assert parallel.chunk_bounds(1, 1 << 20, min_rows=1 << 18) == [(0, 1)]
+
+
 def test_map_chunks_returns_results_in_order(monkeypatch):
     monkeypatch.setattr(parallel, "THREADS", 3)
     out = parallel.map_chunks(lambda start, stop: list(range(start, stop)), 1000, np, min_rows=1)

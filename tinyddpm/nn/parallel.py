@@ -71,10 +71,15 @@ def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
     """``(start, stop)`` pairs covering ``range(n)``, items of ``rows_per_item`` rows.
 
     Chunks are at most ``chunk_rows`` rows, but small enough to give every thread
-    ``CHUNKS_PER_THREAD`` of them, and at least ``min_rows`` rows (or one item).
+    ``CHUNKS_PER_THREAD`` of them, and at least ``min_rows`` rows (or one item), except
+    that work of ``min_rows`` rows or more always gets a chunk for every thread (as far as
+    its items go): a thread left idle costs more than a chunk below the minimum.
     """
     per_chunk = min(chunk_rows // rows_per_item, -(-n // (CHUNKS_PER_THREAD * THREADS)))
-    per_chunk = max(per_chunk, -(-min_rows // rows_per_item), 1)
+    floor = -(-min_rows // rows_per_item)
+    if n * rows_per_item >= min_rows:
+        floor = min(floor, -(-n // THREADS))
+    per_chunk = max(per_chunk, floor, 1)
     return [(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
 
 
