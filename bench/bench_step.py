@@ -1,6 +1,6 @@
 """tinyddpm next to the PyTorch reference: the example's network, the same work, the same threads.
 
-    python -m bench.bench_step [--device cpu|gpu] [--repeats N] [--batch B] [--threads N]
+    python -m bench.bench_step [--device cpu|gpu] [--repeats N] [--min-row-seconds S] [--batch B] [--threads N]
                                [--allocator default|tuned] [--tf32] [--out bench/results/NAME.json]
 
 Rows (the example network, float32):
@@ -20,8 +20,12 @@ and ``sample()`` run all of their steps: large arrays reuse the memory of dead o
 
 Timing. Both implementations are built once, with the same weights and the same inputs. Each
 row first runs one warm-up call of each, then alternates tinyddpm, torch, tinyddpm, torch, ...
-``--repeats`` times, so that whatever else the machine is doing (other tenants, clock changes)
-falls on both alike; every row reports the median and the min..max of its repeats. Both run on
+for ``--repeats`` rounds, and for more while the row has taken less than ``--min-row-seconds``
+(so the cheap batch-16 sampling row gets some twenty rounds where a training row gets three),
+so that whatever else the machine is doing (other tenants, clock changes) falls on both alike.
+Every row reports the median and the min..max of its rounds; its ratio is the ratio of the two
+medians, and ``paired`` is the median of the rounds' own ratios, which a machine whose speed
+drifts during the row moves less. Both run on
 the same number of threads: ``torch.set_num_threads(n)`` and threadpoolctl's limit on every
 BLAS/OpenMP pool loaded in the process (default n = ``os.cpu_count()``). On the GPU the clock is
 read only after ``cupy.cuda.Device().synchronize()`` / ``torch.cuda.synchronize()``.
@@ -66,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_STEP = 250  # the sampler step timed (the cost does not depend on it)
+MAX_ROUNDS = 50  # per row, however short its calls
 IMPLEMENTATIONS = ("tinyddpm", "torch")
 
 
@@ -375,15 +380,18 @@ def timed(bench, fn):
     return time.perf_counter() - start
 
 
-def time_row(benches, make_fn, repeats, label):
-    """One warm-up call each, then ``repeats`` rounds alternating the implementations."""
+def time_row(benches, make_fn, repeats, label, min_seconds=0.0):
+    """One warm-up call each, then rounds alternating the implementations: at least
+    ``repeats``, and more (up to ``MAX_ROUNDS``) until the timed calls add up to ``min_seconds``."""
     for bench in benches:
         timed(bench, make_fn(bench))
     times = {bench.name: [] for bench in benches}
-    for r in range(repeats):
+    rounds = 0
+    while rounds < repeats or (sum(map(sum, times.values())) < min_seconds and rounds < MAX_ROUNDS):
+        rounds += 1
         for bench in benches:
             times[bench.name].append(timed(bench, make_fn(bench)))
-        print(f"  {label}: round {r + 1}/{repeats}: "
+        print(f"  {label}: round {rounds}: "
               + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), file=sys.stderr, flush=True)
     return times
 
@@ -406,23 +414,23 @@ def format_bytes(b):
 
 
 def print_table(result):
-    header = ("row", "tinyddpm median (min-max)", "torch median (min-max)", "tinyddpm/torch")
+    header = ("row", "rounds", "tinyddpm median (min-max)", "torch median (min-max)", "tinyddpm/torch", "paired")
     lines = []
     for label, row in result["rows"].items():
-        cells = [label]
+        cells = [label, str(len(row["tinyddpm"]["times_s"]))]
         for impl in IMPLEMENTATIONS:
             s = row[impl]
             cells.append(f"{format_seconds(s['median'])} ({format_seconds(s['min'])}-{format_seconds(s['max'])})")
-        cells.append(f"{row['ratio']:.2f}")
+        cells += [f"{row['ratio']:.2f}", f"{row['paired_ratio']:.2f}"]
         lines.append(cells)
     memory = result.get("memory")
     if memory:
         key = "device_peak_bytes" if result["config"]["device"] == "gpu" else "host_extra_bytes"
         what = "device" if key.startswith("device") else "extra RSS"
-        lines.append([f"peak memory, train step ({what})",
+        lines.append([f"peak memory, train step ({what})", "1",
                       format_bytes(memory["tinyddpm"][key]), format_bytes(memory["torch"][key]),
-                      f"{memory['ratio']:.2f}"])
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
+                      f"{memory['ratio']:.2f}", ""])
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for cells in [header, ["-" * w for w in widths], *lines]:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
 
@@ -437,8 +445,9 @@ def run(args):
         setup_gpu(args.tf32)
     limit_threads(threads, uses_torch=True)
     env = environment(device, threads)
-    print(f"bench_step: example network, float32, device {device}, batch {batch}, "
-          f"{repeats} repeats, {threads} threads, {env['cpu_model']}", file=sys.stderr)
+    print(f"bench_step: example network, float32, device {device}, batch {batch}, at least "
+          f"{repeats} rounds and {args.min_row_seconds:g} s a row, {threads} threads, {env['cpu_model']}",
+          file=sys.stderr)
 
     tiny = TinyddpmBench(device, batch)
     torch_bench = TorchBench(device, batch, state=tiny.model.state_dict())
@@ -448,14 +457,16 @@ def run(args):
         "sample step, batch 16": lambda b: (lambda: b.sample_step(16)),
         f"sample step, batch {batch}": lambda b: (lambda: b.sample_step(batch)),
     }
-    result = {"config": {"device": device, "batch": batch, "repeats": repeats, "threads": threads,
+    result = {"config": {"device": device, "batch": batch, "repeats": repeats,
+                         "min_row_seconds": args.min_row_seconds, "threads": threads,
                          "allocator": args.allocator, "tf32": args.tf32,
                          "sample_step_t": SAMPLE_STEP, "network": "example", "dtype": "float32"},
               "environment": env, "rows": {}}
     for label, make_fn in rows.items():  # (at --batch 16 the two sample rows are one)
-        times = time_row(benches, make_fn, repeats, label)
+        times = time_row(benches, make_fn, repeats, label, args.min_row_seconds)
         row = {impl: {"times_s": times[impl], **summary(times[impl])} for impl in IMPLEMENTATIONS}
         row["ratio"] = row["tinyddpm"]["median"] / row["torch"]["median"]
+        row["paired_ratio"] = statistics.median(a / b for a, b in zip(times["tinyddpm"], times["torch"]))
         result["rows"][label] = row
     del tiny, torch_bench, benches
 
@@ -486,7 +497,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row, at least (default 3)")
+    parser.add_argument("--min-row-seconds", type=float, default=30.0,
+                        help="more rounds (up to %d) while a row has taken less than this (default 30)" % MAX_ROUNDS)
     parser.add_argument("--batch", type=int, default=128, help="training batch (default 128, the example's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both implementations (default: os.cpu_count())")
