@@ -499,7 +499,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per row, at least (default 3)")
     parser.add_argument("--min-row-seconds", type=float, default=30.0,
-                        help="more rounds (up to %d) while a row has taken less than this (default 30)" % MAX_ROUNDS)
+                        help=f"more rounds (up to {MAX_ROUNDS}) while a row has taken less than this (default 30)")
     parser.add_argument("--batch", type=int, default=128, help="training batch (default 128, the example's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both implementations (default: os.cpu_count())")

@@ -192,16 +192,21 @@ def print_tables(phase, step_total, by_type, blocks, instances, top):
               f"{100 * total / step_total:.1f}%"), widths)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser, steps, top):
+    """The options that say which step to profile and how, shared with ``profile_reference.py``."""
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--phase", choices=("train", "sample"), default="train",
                         help="a training step, or a sampler's forward pass (default train)")
     parser.add_argument("--batch", type=int, default=128, help="batch (default 128)")
-    parser.add_argument("--steps", type=int, default=1, help="profiled steps after the warm-up (default 1)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"profiled steps after the warm-up (default {steps})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads for tinyddpm's chunks and for BLAS (default: os.cpu_count())")
-    parser.add_argument("--top", type=int, default=15, help="instances listed (default 15)")
+                        help="threads: tinyddpm's chunks and BLAS, or torch's (default: os.cpu_count())")
+    parser.add_argument("--top", type=int, default=15, help=f"{top} listed (default 15)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_arguments(parser, steps=1, top="instances")
     parser.add_argument("--out", help="JSON path (default bench/results/profile_layers_<device>.json)")
     args = parser.parse_args(argv)
 

@@ -15,14 +15,14 @@ different overheads, so compare shares and the big rows, not totals to the milli
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from bench.profile_layers import add_step_arguments
 
 
 def profile(device, phase, batch, steps):
     """``(seconds_per_step, rows)`` with rows ``{name, calls, self_seconds}`` per aten operator."""
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -54,13 +54,7 @@ def print_table(phase, batch, total, rows, top):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--phase", choices=("train", "sample"), default="train",
-                        help="a training step, or one ancestral sampler step (default train)")
-    parser.add_argument("--batch", type=int, default=128, help="batch (default 128)")
-    parser.add_argument("--steps", type=int, default=2, help="profiled steps after the warm-up (default 2)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: os.cpu_count())")
-    parser.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
+    add_step_arguments(parser, steps=2, top="operators")
     parser.add_argument("--out", help="JSON path (default bench/results/profile_reference_<device>_<phase>_b<B>.json)")
     args = parser.parse_args(argv)
 
