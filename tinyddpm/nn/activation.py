@@ -14,8 +14,9 @@ memory, and the input can be freed (one activation fewer per Swish).
 The output is computed as ``x / (1 + exp(-x))``: a division in place of the
 sigmoid's reciprocal and a product, one pass fewer. Training then turns the kept
 denominator into the sigmoid; without grad (sampling) nothing is kept, and each
-chunk's denominator lives in a small scratch buffer. Both directions run chunk by chunk on all cores (see ``parallel.py``),
-or as one fused kernel each on the GPU (``fused.py``).
+chunk's denominator lives in a small scratch buffer. Both directions run chunk by
+chunk on all cores (see ``parallel.py``), or as one fused kernel each on the GPU
+(``fused.py``).
 """
 
 import numpy as np
