@@ -10,7 +10,8 @@ Rows (the example network, float32):
   reference's ``train_step``.
 - ``sample step``: one step of the ancestral sampler at batch 16 (the example's preview) and at
   batch B: a forward pass that keeps nothing for backward (``no_grad`` / ``torch.no_grad``)
-  and the update to x_{t-1}. tinyddpm's steps run inside one ``frozen_weights()`` block, as
+  and the update to x_{t-1}; tinyddpm's forward is ``sampling.predict_noise``, as its sampler
+  makes it (on the CPU, each thread runs the network on its own slice of the batch). tinyddpm's steps run inside one ``frozen_weights()`` block, as
   ``sample()`` runs all of its steps, so each conv's filter transform is made once, in the
   warm-up call, and the timed calls measure a sampler's steady state.
 - ``peak memory``: the extra peak memory of a training step (see below).
@@ -132,15 +133,15 @@ class TinyddpmBench:
 
     def sample_step(self, batch):
         from tinyddpm.diffusion import ancestral_step
-        from tinyddpm.nn import frozen_weights, no_grad
+        from tinyddpm.nn import frozen_weights
+        from tinyddpm.sampling import predict_noise
 
         if not self.frozen:
             self.blocks.enter_context(frozen_weights())
             self.frozen = True
         x, z = self.noise[:batch], self.x0[:batch]
-        with no_grad():
-            eps = self.model(x, np.full(batch, SAMPLE_STEP))
-            return ancestral_step(self.schedule, x, SAMPLE_STEP, eps, z)
+        eps = predict_noise(self.model, x, SAMPLE_STEP)
+        return ancestral_step(self.schedule, x, SAMPLE_STEP, eps, z)
 
 
 class TorchBench:

@@ -37,6 +37,44 @@ def test_work_of_the_minimum_size_gets_a_chunk_for_every_thread(monkeypatch):
     assert parallel.chunk_bounds(1, 1 << 20, min_rows=1 << 18) == [(0, 1)]
 
 
+def test_map_batch_gives_each_thread_a_slice_and_runs_its_chunks_on_that_thread(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 2)
+
+    def on_slice(start, stop):
+        time.sleep(0.01)  # lets the helper take the other slice meanwhile
+        chunk_threads = parallel.map_chunks(lambda a, b: threading.get_ident(), 1000, np, min_rows=1)
+        return start, stop, threading.get_ident(), set(chunk_threads), len(chunk_threads)
+
+    slices = parallel.map_batch(on_slice, 9, np)
+    assert [(start, stop) for start, stop, *_ in slices] == [(0, 5), (5, 9)]
+    assert len({thread for _, _, thread, _, _ in slices}) == 2
+    for _, _, thread, chunk_threads, chunks in slices:
+        assert chunk_threads == {thread} and chunks > 1  # still chunked, on the slice's own thread
+    assert not parallel._in_batch_slice()
+
+
+def test_map_batch_is_one_call_for_one_item_one_thread_or_a_nested_call(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    assert parallel.map_batch(lambda a, b: (a, b), 1, np) == [(0, 1)]
+    assert parallel.map_batch(lambda a, b: parallel.map_batch(lambda c, d: (c, d), b - a, np), 4, np) == [
+        [(0, 2)], [(0, 2)]]
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    assert parallel.map_batch(lambda a, b: (a, b), 4, np) == [(0, 4)]
+
+
+def test_map_batch_raises_the_error_of_a_slice(monkeypatch):
+    monkeypatch.setattr(parallel, "THREADS", 2)
+
+    def on_slice(start, stop):
+        if start > 0:
+            raise ValueError("slice failed")
+        return start
+
+    with pytest.raises(ValueError, match="slice failed"):
+        parallel.map_batch(on_slice, 4, np)
+    assert not parallel._in_batch_slice()
+
+
 def test_map_chunks_returns_results_in_order(monkeypatch):
     monkeypatch.setattr(parallel, "THREADS", 3)
     out = parallel.map_chunks(lambda start, stop: list(range(start, stop)), 1000, np, min_rows=1)

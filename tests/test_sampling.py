@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from tinyddpm import sampling
 from tinyddpm.diffusion import linear_schedule
 from tinyddpm.ema import EMA
-from tinyddpm.nn import Parameter
+from tinyddpm.nn import Parameter, parallel
 from tinyddpm.sampling import ancestral_sample, predict_noise, sample
 from tinyddpm.unet import UNet, preset
 
@@ -57,6 +58,23 @@ def test_guidance_reduces_to_the_conditional_and_unconditional_models():
     np.testing.assert_allclose(predict_noise(model, x, 250, labels, guidance=3.0),
                                uncond + 3.0 * (cond - uncond), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(model(x, t), uncond, rtol=1e-12)  # no labels: the "no label" row
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_sampler_forward_split_over_threads_is_the_whole_batch_forward(monkeypatch, threads):
+    """forward_without_grad runs each thread's slice of the batch through the whole network."""
+    config = preset("tiny")
+    model = UNet(type(config)(**{**config.to_dict(), "widths": config.widths, "num_classes": 10}),
+                 rng=np.random.default_rng(0), dtype=np.float64)
+    rng = np.random.default_rng(3)
+    x, t, labels = rng.standard_normal((7, 32, 32, 1)), rng.integers(1, 501, 7), rng.integers(0, 10, 7)
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    whole = model(x, t, labels)
+    monkeypatch.setattr(parallel, "THREADS", threads)
+    sliced = []
+    monkeypatch.setattr(sampling, "map_batch", lambda fn, n, xp: sliced.append(n) or parallel.map_batch(fn, n, xp))
+    np.testing.assert_allclose(sampling.forward_without_grad(model, x, t, labels), whole, rtol=1e-12, atol=1e-12)
+    assert sliced == [7]
 
 
 def test_ema_arithmetic():

@@ -11,6 +11,22 @@ from tqdm import tqdm
 from tinyddpm.backend import get_array_module, to_device, to_host
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import array_cache, frozen_weights, no_grad
+from tinyddpm.nn.parallel import map_batch
+
+
+def forward_without_grad(model, x, steps, labels=None):
+    """``model(x, steps, labels)`` under :func:`no_grad`. On the CPU each thread runs the
+    whole network on its own slice of the batch (``parallel.map_batch``): the images of a
+    forward pass without grad never meet, so the threads need not wait for each other
+    after every layer."""
+    xp = get_array_module(x)
+
+    def on_slice(start, stop):
+        return model(x[start:stop], steps[start:stop], None if labels is None else labels[start:stop])
+
+    with no_grad():
+        parts = map_batch(on_slice, len(x), xp)
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
 
 def predict_noise(model, x, t, labels=None, guidance=1.0):
@@ -24,12 +40,13 @@ def predict_noise(model, x, t, labels=None, guidance=1.0):
     """
     steps = np.full(len(x), t)
     if labels is None or guidance == 1.0:
-        return model(x, steps, labels)
+        return forward_without_grad(model, x, steps, labels)
     null = np.full(len(x), model.null_label)
     if guidance == 0.0:
-        return model(x, steps, null)
+        return forward_without_grad(model, x, steps, null)
     xp = get_array_module(x)
-    both = model(xp.concatenate([x, x]), np.concatenate([steps, steps]), np.concatenate([labels, null]))
+    both = forward_without_grad(model, xp.concatenate([x, x]), np.concatenate([steps, steps]),
+                                np.concatenate([labels, null]))
     eps_cond, eps_uncond = both[:len(x)], both[len(x):]
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
