@@ -6,7 +6,9 @@
 One training step of the example network (float32, batch 128 by default) after one warm-up
 step, or with ``--phase sample`` one sampler forward pass (``no_grad``, all steps inside one
 ``frozen_weights()`` block, as ``sample()`` runs them); both inside one ``array_cache()``
-block, as ``train()`` and ``sample()`` run. Every Module *instance* of the network (and the
+block, as ``train()`` and ``sample()`` run. The sampler itself splits its batch over the
+threads (``parallel.map_batch``); the profile instead runs the pass layer by layer on all
+threads, as a training step runs, so that each layer's time is its own. Every Module *instance* of the network (and the
 loss) gets its ``forward`` and
 ``backward`` wrapped by a timer stored as an instance attribute, which shadows the class's
 method for that object only: nothing is patched at module or class level, and the wrappers go
