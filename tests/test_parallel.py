@@ -42,15 +42,24 @@ def test_map_batch_gives_each_thread_a_slice_and_runs_its_chunks_on_that_thread(
 
     def on_slice(start, stop):
         time.sleep(0.01)  # lets the helper take the other slice meanwhile
-        chunk_threads = parallel.map_chunks(lambda a, b: threading.get_ident(), 1000, np, min_rows=1)
+        chunk_threads = parallel.map_chunks(lambda a, b: threading.get_ident(), 1000, np, chunk_rows=100)
         return start, stop, threading.get_ident(), set(chunk_threads), len(chunk_threads)
 
     slices = parallel.map_batch(on_slice, 9, np)
     assert [(start, stop) for start, stop, *_ in slices] == [(0, 5), (5, 9)]
     assert len({thread for _, _, thread, _, _ in slices}) == 2
     for _, _, thread, chunk_threads, chunks in slices:
-        assert chunk_threads == {thread} and chunks > 1  # still chunked, on the slice's own thread
+        assert chunk_threads == {thread} and chunks == 10  # chunks of chunk_rows, on the slice's thread
     assert not parallel._in_batch_slice()
+
+
+def test_a_slice_takes_chunks_of_half_to_all_of_chunk_rows():
+    # 8 images of 8x8 pixels, chunk_rows 2048 (32 images): the slice is one chunk, not quarters
+    assert parallel.slice_chunk_bounds(8, 64, chunk_rows=2048) == [(0, 8)]
+    # 64 images: quarters of 16, which is half of chunk_rows
+    assert parallel.slice_chunk_bounds(64, 64, chunk_rows=2048) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    # 64 images of 32x32: chunk_rows allows 2 at most
+    assert len(parallel.slice_chunk_bounds(64, 1024, chunk_rows=2048)) == 32
 
 
 def test_map_batch_is_one_call_for_one_item_one_thread_or_a_nested_call(monkeypatch):
