@@ -24,6 +24,8 @@ from tinyddpm.nn.linear import Linear, linear_backward, linear_forward
 from tinyddpm.nn.module import Module, grad_enabled, prepared_weight
 from tinyddpm.nn.parallel import map_chunks, scratch
 
+SCORES_PER_CHUNK = 1 << 18  # a chunk's scores (or their gradients), 1 MB in float32, stay in cache
+
 
 def softmax(scores):
     """Softmax over the last axis, in place on ``scores`` (which it returns)."""
@@ -94,8 +96,7 @@ class ScaledDotProductAttention(Module):
             for i, h in np.ndindex(n, heads):
                 np.matmul(p_c[i, h], vh[start + i, h], out=out_h[start + i, h])
 
-        # about 2^18 scores (1 MB) per chunk
-        map_chunks(chunk, N, np, rows_per_item=heads * L * L, chunk_rows=1 << 18, min_rows=1)
+        map_chunks(chunk, N, np, rows_per_item=heads * L * L, chunk_rows=SCORES_PER_CHUNK, min_rows=1)
         self.save_for_backward(q_scaled, kh, vh, p)
         return out
 
@@ -137,7 +138,7 @@ class ScaledDotProductAttention(Module):
                 dqh[n, h] *= scale
                 np.matmul(ds.T, qh[n, h], out=dkh[n, h])
 
-        map_chunks(chunk, N, np, rows_per_item=heads * L * L, chunk_rows=1 << 18, min_rows=1)
+        map_chunks(chunk, N, np, rows_per_item=heads * L * L, chunk_rows=SCORES_PER_CHUNK, min_rows=1)
         return dq, dk, dv
 
 

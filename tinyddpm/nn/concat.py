@@ -13,6 +13,14 @@ from tinyddpm.nn import memory
 from tinyddpm.nn.module import Module
 from tinyddpm.nn.parallel import map_chunks
 
+CHUNK_NUMBERS = 1 << 18  # numbers copied per chunk at most, and a quarter of that at least
+
+
+def _map_samples(fn, a):
+    """:func:`map_chunks` of ``fn`` over chunks of the samples (leading axis) of ``a``."""
+    return map_chunks(fn, len(a), np, rows_per_item=a[0].size, chunk_rows=CHUNK_NUMBERS,
+                      min_rows=CHUNK_NUMBERS // 4)
+
 
 class Concat(Module):
     """``[a, b]`` on the last axis; backward splits the gradient into ``(da, db)``."""
@@ -29,7 +37,7 @@ class Concat(Module):
             out[start:stop, ..., :Ca] = a[start:stop]
             out[start:stop, ..., Ca:] = b[start:stop]
 
-        map_chunks(chunk, len(out), np, rows_per_item=out[0].size, chunk_rows=1 << 18, min_rows=1 << 16)
+        _map_samples(chunk, out)
         return out
 
     def backward(self, dout):
@@ -43,5 +51,5 @@ class Concat(Module):
             da[start:stop] = dout[start:stop, ..., :Ca]
             db[start:stop] = dout[start:stop, ..., Ca:]
 
-        map_chunks(chunk, len(dout), np, rows_per_item=dout[0].size, chunk_rows=1 << 18, min_rows=1 << 16)
+        _map_samples(chunk, dout)
         return da, db

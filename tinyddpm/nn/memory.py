@@ -57,6 +57,12 @@ def array_cache():
         _buffers = None
 
 
+def typed_view(buffer, shape, dtype):
+    """The first bytes of the uint8 array ``buffer`` as an array of ``shape`` and ``dtype``."""
+    dtype = np.dtype(dtype)
+    return buffer[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def empty(shape, dtype, xp=np):
     """An uninitialised array of ``shape`` and ``dtype`` on ``xp``, from the cache where there is one."""
     if xp is not np or _buffers is None:
@@ -74,7 +80,7 @@ def empty(shape, dtype, xp=np):
         if best is None:
             best = np.empty(nbytes, dtype=np.uint8)
             _buffers.append(best)
-        return best[:nbytes].view(dtype).reshape(shape)
+        return typed_view(best, shape, dtype)
 
 
 def empty_like(a):

@@ -59,6 +59,7 @@ import threading
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn.memory import typed_view
 
 THREADS = int(os.environ.get("TINYDDPM_THREADS") or os.cpu_count() or 1)
 CHUNKS_PER_THREAD = 4  # spare chunks for a thread that gets ahead while another is held up
@@ -260,12 +261,11 @@ def scratch(name, shape, dtype):
     Different temporaries of one chunk need different names.
     """
     buffers = _thread_state.__dict__.setdefault("buffers", {})
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buffer = buffers.get(name)
     if buffer is None or buffer.nbytes < nbytes:
         buffer = buffers[name] = np.empty(nbytes, dtype=np.uint8)
-    return buffer[:nbytes].view(dtype).reshape(shape)
+    return typed_view(buffer, shape, dtype)
 
 
 def map_elementwise(fn, *arrays):
