@@ -8,11 +8,12 @@ step, or with ``--phase sample`` one sampler forward pass (``no_grad``, all step
 ``frozen_weights()`` block, as ``sample()`` runs them); both inside one ``array_cache()``
 block, as ``train()`` and ``sample()`` run. The sampler itself splits its batch over the
 threads (``parallel.map_batch``); the profile instead runs the pass layer by layer on all
-threads, as a training step runs, so that each layer's time is its own. Every Module *instance* of the network (and the
-loss) gets its ``forward`` and
-``backward`` wrapped by a timer stored as an instance attribute, which shadows the class's
-method for that object only: nothing is patched at module or class level, and the wrappers go
-away with the model. Calls nest (a residual block calls its convs), so each record keeps both
+threads, as a training step runs, so that each layer's time is its own.
+
+Every Module *instance* of the network (and the loss) gets its ``forward`` and ``backward``
+wrapped by a timer stored as an instance attribute, which shadows the class's method for that
+object only: nothing is patched at module or class level, and the wrappers go away with the
+model. Calls nest (a residual block calls its convs), so each record keeps both
 the inclusive time and the exclusive ("self") time, the inclusive time minus that of the timed
 calls made inside it. Summing the self times over all instances gives the model's total
 without counting anything twice; what is left of the step (q_sample, zero_grad, Python glue) is
