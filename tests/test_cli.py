@@ -74,6 +74,14 @@ def test_empty_data_folder(tmp_path):
     assert_one_line_error(run("train", "--data", tmp_path / "empty", "--out", tmp_path / "run"), "no PNG")
 
 
+def test_fewer_images_than_the_batch(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(folder / "a.png")
+    result = run("train", "--data", folder, "--batch-size", 4, "--out", tmp_path / "run")
+    assert_one_line_error(result, "batch size 4", "1 training images")
+
+
 def test_missing_checkpoint(tmp_path):
     assert_one_line_error(run("sample", "--checkpoint", tmp_path / "nope.safetensors"), "not found")
 

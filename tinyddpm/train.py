@@ -174,7 +174,8 @@ def _train(options, out_dir, device, resume, progress, log, group):
     num_images = len(images)
     steps_per_epoch = num_images // options.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {options.batch_size} is larger than the {num_images} training images")
+        raise DataError(f"batch size {options.batch_size} is larger than the {num_images} training images "
+                        f"in {options.data or 'the built-in digits'}")
     total_steps = steps_per_epoch * options.epochs
     if options.max_steps is not None:
         total_steps = min(total_steps, options.max_steps)
