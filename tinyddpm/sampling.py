@@ -5,21 +5,36 @@ per step that adds noise, in step order), so a seed gives the same images on
 the CPU and the GPU, and two samplers fed the same generator see the same noise.
 """
 
+import os
+
 import numpy as np
 from tqdm import tqdm
 
 from tinyddpm.backend import get_array_module, to_device, to_host
+from tinyddpm.cuda_graph import CapturedForward
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import array_cache, frozen_weights, no_grad
+from tinyddpm.nn.module import prepared_weight, weights_frozen
 from tinyddpm.nn.parallel import map_batch
+
+CUDA_GRAPHS = os.environ.get("TINYDDPM_CUDA_GRAPHS", "1") != "0"  # 0: launch every kernel from Python
 
 
 def forward_without_grad(model, x, steps, labels=None):
-    """``model(x, steps, labels)`` under :func:`no_grad`. On the CPU each thread runs the
-    whole network on its own slice of the batch (``parallel.map_batch``): the images of a
-    forward pass without grad never meet, so the threads need not wait for each other
-    after every layer."""
+    """``model(x, steps, labels)`` under :func:`no_grad`.
+
+    On the CPU each thread runs the whole network on its own slice of the batch
+    (``parallel.map_batch``): the images of a forward pass without grad never meet, so the
+    threads need not wait for each other after every layer. On the GPU, inside
+    ``frozen_weights()``, the pass is recorded as a CUDA graph the first time it meets a
+    batch shape and replayed after that (``cuda_graph.py``).
+    """
     xp = get_array_module(x)
+    if xp is not np and CUDA_GRAPHS and weights_frozen():
+        key = ("forward graph", x.shape, x.dtype.str, labels is None)
+        with no_grad():
+            graph = prepared_weight(model, key, lambda _: CapturedForward(model, x, steps, labels))
+            return graph(x, steps, labels)
 
     def on_slice(start, stop):
         return model(x[start:stop], steps[start:stop], None if labels is None else labels[start:stop])

@@ -180,17 +180,18 @@ class UNet(Module):
         return self.config.num_classes
 
     def forward(self, x, t, labels=None, intermediates=None):
-        """Predicted noise. ``labels`` (B,) host ints pick the class of a conditional
-        network (None or :attr:`null_label`: unconditional). If ``intermediates`` is a
-        dict, every block's output is put in it under the golden file's names."""
+        """Predicted noise. ``t`` (B,) are the steps and ``labels`` (B,) pick the class of
+        a conditional network (None or :attr:`null_label`: unconditional), both ints on the
+        host or already on the device of ``x``. If ``intermediates`` is a dict, every
+        block's output is put in it under the golden file's names."""
         xp = get_array_module(x)
         keep = intermediates if intermediates is not None else {}
-        s = self.sinusoid(to_device(np.asarray(t), xp)).astype(self.fc1.weight.data.dtype, copy=False)
+        s = self.sinusoid(to_device(t, xp)).astype(self.fc1.weight.data.dtype, copy=False)
         keep["act_sinusoid"] = s
         keep["act_time_embedding"] = emb = self.fc2(self.time_act(self.fc1(s)))
         if self.config.num_classes:
-            labels = np.full(len(x), self.null_label) if labels is None else np.asarray(labels)
-            emb = emb + self.label_emb(to_device(labels, xp))
+            labels = xp.full(len(x), self.null_label) if labels is None else to_device(labels, xp)
+            emb = emb + self.label_emb(labels)
 
         keep["act_conv_in"] = h0 = self.conv_in(x)
         keep["act_r1"] = h1 = self.r1(h0, emb)

@@ -59,8 +59,14 @@ def frozen_weights():
         _frozen = None
 
 
+def weights_frozen():
+    """Whether this runs inside :func:`frozen_weights`."""
+    return _frozen is not None
+
+
 def prepared_weight(weight, form, make):
-    """``make(weight)``, made once per weight array and ``form`` inside :func:`frozen_weights`."""
+    """``make(weight)``, made once per weight array (or other object, such as a whole
+    network) and ``form`` inside :func:`frozen_weights`."""
     if _frozen is None:
         return make(weight)
     entry = _frozen.get((id(weight), form))

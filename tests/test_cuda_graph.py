@@ -1,0 +1,92 @@
+"""The sampler's CUDA graph (cuda_graph.py): a replay is the eager pass on the new inputs."""
+
+import numpy as np
+import pytest
+
+from tinyddpm import sampling
+from tinyddpm.backend import array_module, gpu_unavailable_reason
+from tinyddpm.diffusion import linear_schedule
+from tinyddpm.nn import frozen_weights
+from tinyddpm.unet import UNet, preset
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(gpu_unavailable_reason() is not None, reason=f"gpu: {gpu_unavailable_reason()}")]
+
+
+def conditional_tiny(dtype):
+    config = preset("tiny")
+    model = UNet(type(config)(**{**config.to_dict(), "widths": config.widths, "num_classes": 10}),
+                 rng=np.random.default_rng(0), dtype=dtype)
+    return model.to(array_module("gpu"))
+
+
+def inputs(seed, n=5):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 32, 32, 1)), rng.integers(1, 501, n), rng.integers(0, 10, n)
+
+
+def test_a_replay_is_the_eager_pass_on_the_new_inputs():
+    from tinyddpm.cuda_graph import CapturedForward
+
+    cupy = array_module("gpu")
+    model = conditional_tiny(np.float64)
+    x, t, labels = inputs(1)
+    with frozen_weights():
+        graph = CapturedForward(model, cupy.asarray(x), t, labels)
+        x2, t2, labels2 = inputs(2)
+        replayed = graph(cupy.asarray(x2), t2, labels2)
+        eager = model(cupy.asarray(x2), t2, labels2)
+        np.testing.assert_allclose(cupy.asnumpy(replayed), cupy.asnumpy(eager), rtol=1e-12, atol=1e-12)
+        kept = replayed.copy()
+        x3, t3, labels3 = inputs(3)
+        graph(cupy.asarray(x3), t3, labels3)
+        np.testing.assert_array_equal(cupy.asnumpy(replayed), cupy.asnumpy(kept))  # each call returns its own array
+
+
+def test_the_sampler_gives_the_same_images_with_and_without_graphs(monkeypatch):
+    model = conditional_tiny(np.float32)
+    captured = []
+
+    class CountedForward(sampling.CapturedForward):
+        def __init__(self, *args):
+            captured.append(args[1].shape)
+            super().__init__(*args)
+
+    monkeypatch.setattr(sampling, "CapturedForward", CountedForward)
+
+    def images():
+        return sampling.sample(model, linear_schedule(50), np.random.default_rng(4), 3, "ddim", steps=6,
+                               labels=[1, 4, 7], guidance=2.0)[0]
+
+    monkeypatch.setattr(sampling, "CUDA_GRAPHS", False)
+    eager = images()
+    monkeypatch.setattr(sampling, "CUDA_GRAPHS", True)
+    graphed = images()
+    assert captured == [(6, 32, 32, 1)]  # one graph (guidance doubles the batch), replayed at every step
+    np.testing.assert_allclose(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sampling_run_gives_its_graph_memory_back(monkeypatch):
+    import gc
+
+    cupy = array_module("gpu")
+    model = conditional_tiny(np.float32)
+    graphs = []
+
+    class KeptForward(sampling.CapturedForward):
+        def __init__(self, *args):
+            super().__init__(*args)
+            graphs.append(self.pool.total_bytes())
+
+    monkeypatch.setattr(sampling, "CapturedForward", KeptForward)
+
+    def free_bytes_after_sampling():
+        sampling.sample(model, linear_schedule(50), np.random.default_rng(4), 3, "ddim", steps=3, labels=[1, 4, 7])
+        gc.collect()
+        cupy.get_default_memory_pool().free_all_blocks()
+        return cupy.cuda.runtime.memGetInfo()[0]
+
+    before = free_bytes_after_sampling()
+    after = [free_bytes_after_sampling() for _ in range(3)][-1]
+    assert len(graphs) == 4 and graphs[0] > 0
+    assert before - after < graphs[0]  # three runs' graph pools did not stay behind
