@@ -1,5 +1,7 @@
 """The sampler's CUDA graph (cuda_graph.py): a replay is the eager pass on the new inputs."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -61,7 +63,9 @@ def test_the_sampler_gives_the_same_images_with_and_without_graphs(monkeypatch):
     monkeypatch.setattr(sampling, "CUDA_GRAPHS", False)
     eager = images()
     monkeypatch.setattr(sampling, "CUDA_GRAPHS", True)
-    graphed = images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that fails and falls back is a failure here
+        graphed = images()
     assert captured == [(6, 32, 32, 1)]  # one graph (guidance doubles the batch), replayed at every step
     np.testing.assert_allclose(graphed, eager, rtol=1e-5, atol=1e-5)
 
@@ -90,3 +94,30 @@ def test_a_sampling_run_gives_its_graph_memory_back(monkeypatch):
     after = [free_bytes_after_sampling() for _ in range(3)][-1]
     assert len(graphs) == 4 and graphs[0] > 0
     assert before - after < graphs[0]  # three runs' graph pools did not stay behind
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_capture_blas_products_equal_cupys(dtype):
+    from tinyddpm.nn.cublas import CaptureBlas
+
+    cupy = array_module("gpu")
+    rng = np.random.default_rng(5)
+
+    def device(*shape):
+        return cupy.asarray(rng.standard_normal(shape).astype(dtype))
+
+    cases = [(device(70, 30), device(30, 20)), (device(70, 30), device(20, 30).T),
+             (device(30, 70).T, device(30, 20)), (device(90, 30)[10:80], device(30, 20)),
+             (device(4, 1, 64, 16), device(4, 64, 1, 16).transpose(0, 2, 3, 1)),
+             (device(4, 2, 64, 16), device(4, 64, 2, 16).transpose(0, 2, 3, 1))]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    blas = CaptureBlas(stream)
+    try:
+        with stream:
+            for a, b in cases:
+                got = blas.matmul(a, b)
+                stream.synchronize()
+                np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(cupy.matmul(a, b)),
+                                           rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    finally:
+        blas.close()

@@ -14,9 +14,18 @@ A recorded graph holds the device addresses of everything it read and wrote, so:
   else allocates from, so no other array can be handed an address the graph writes to;
 - the weights are read where they are: a graph is only valid while they stay put, so
   :func:`tinyddpm.sampling.forward_without_grad` keeps graphs inside ``frozen_weights()``.
+
+CuPy will not call cuBLAS during a capture, so the pass's matrix products go to cuBLAS
+directly while it is recorded (``nn/cublas.py``, through ``nn.matmul.products_through``).
 """
 
+import contextlib
+import os
+
 import numpy as np
+
+from tinyddpm.nn.cublas import CaptureBlas
+from tinyddpm.nn.matmul import products_through
 
 
 class CapturedForward:
@@ -35,12 +44,16 @@ class CapturedForward:
         model(self.x, self.steps, self.labels)
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        with self.stream, cupy.cuda.using_allocator(self.pool.malloc):
+        self.blas = CaptureBlas(self.stream, tf32=os.environ.get("CUPY_TF32") == "1")
+        with self.stream, cupy.cuda.using_allocator(self.pool.malloc), products_through(self.blas):
             self.stream.begin_capture()
             try:
                 self.out = model(self.x, self.steps, self.labels)
-            finally:
-                self.graph = self.stream.end_capture()
+            except BaseException:
+                with contextlib.suppress(Exception):  # leave the stream usable; the first error is the one to see
+                    self.stream.end_capture()
+                raise
+            self.graph = self.stream.end_capture()
 
     def __call__(self, x, steps, labels=None):
         """The replayed pass on new inputs of the recorded shape; returns a new array."""
@@ -50,3 +63,9 @@ class CapturedForward:
             self.labels.set(np.ascontiguousarray(labels, dtype=self.labels.dtype))
         self.graph.launch()
         return self.out.copy()
+
+    def __del__(self):
+        blas = getattr(self, "blas", None)
+        if blas is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+                blas.close()

@@ -6,6 +6,7 @@ the CPU and the GPU, and two samplers fed the same generator see the same noise.
 """
 
 import os
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -33,8 +34,9 @@ def forward_without_grad(model, x, steps, labels=None):
     if xp is not np and CUDA_GRAPHS and weights_frozen():
         key = ("forward graph", x.shape, x.dtype.str, labels is None)
         with no_grad():
-            graph = prepared_weight(model, key, lambda _: CapturedForward(model, x, steps, labels))
-            return graph(x, steps, labels)
+            graph = prepared_weight(model, key, lambda _: capture_or_warn(model, x, steps, labels))
+            if graph is not None:
+                return graph(x, steps, labels)
 
     def on_slice(start, stop):
         return model(x[start:stop], steps[start:stop], None if labels is None else labels[start:stop])
@@ -42,6 +44,17 @@ def forward_without_grad(model, x, steps, labels=None):
     with no_grad():
         parts = map_batch(on_slice, len(x), xp)
     return parts[0] if len(parts) == 1 else xp.concatenate(parts)
+
+
+def capture_or_warn(model, x, steps, labels):
+    """A :class:`CapturedForward`, or None (and a warning) if the pass cannot be captured,
+    so that sampling goes on launching every kernel from Python."""
+    try:
+        return CapturedForward(model, x, steps, labels)
+    except Exception as error:
+        warnings.warn(f"sampling without a CUDA graph: capturing the forward pass failed "
+                      f"({type(error).__name__}: {error})".splitlines()[0], RuntimeWarning, stacklevel=2)
+        return None
 
 
 def predict_noise(model, x, t, labels=None, guidance=1.0):

@@ -21,6 +21,7 @@ import numpy as np
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import memory
 from tinyddpm.nn.linear import Linear, linear_backward, linear_forward
+from tinyddpm.nn.matmul import matmul
 from tinyddpm.nn.module import Module, grad_enabled, prepared_weight
 from tinyddpm.nn.parallel import map_chunks, scratch
 
@@ -67,9 +68,9 @@ class ScaledDotProductAttention(Module):
         xp = get_array_module(q)
         if xp is not np:  # CuPy: batched products over the (N, h) axes
             qh = _split_heads(q, heads) * scale
-            p = softmax(xp.matmul(qh, kh.transpose(0, 1, 3, 2)))
+            p = softmax(matmul(qh, kh.transpose(0, 1, 3, 2)))
             self.save_for_backward(qh, kh, vh, p)
-            return _merge_heads(xp.matmul(p, vh))
+            return _merge_heads(matmul(p, vh))
         return self._forward_numpy(_split_heads(q, heads), kh, vh, scale)
 
     def _forward_numpy(self, qh, kh, vh, scale):
@@ -107,13 +108,13 @@ class ScaledDotProductAttention(Module):
         xp = get_array_module(dout)
         if xp is np:
             return self._backward_numpy(doh, qh, kh, vh, p, scale)
-        dv = xp.matmul(p.transpose(0, 1, 3, 2), doh)
-        dscores = xp.matmul(doh, vh.transpose(0, 1, 3, 2))
+        dv = matmul(p.transpose(0, 1, 3, 2), doh)
+        dscores = matmul(doh, vh.transpose(0, 1, 3, 2))
         dscores -= (dscores * p).sum(axis=-1, keepdims=True)
         dscores *= p
-        dq = xp.matmul(dscores, kh)
+        dq = matmul(dscores, kh)
         dq *= scale
-        dk = xp.matmul(dscores.transpose(0, 1, 3, 2), qh)
+        dk = matmul(dscores.transpose(0, 1, 3, 2), qh)
         return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
 
     @staticmethod

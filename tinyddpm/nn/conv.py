@@ -50,6 +50,7 @@ import numpy as np
 
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused, memory
+from tinyddpm.nn.matmul import matmul
 from tinyddpm.nn.module import Module, Parameter, prepared_weight
 from tinyddpm.nn.parallel import CHUNK_ROWS, map_chunks, scratch
 from tinyddpm.nn.winograd import correlate_3x3, correlate_3x3_weight_grad
@@ -218,7 +219,7 @@ def correlate_taps(x, w, stride, padding, bias=None, add_to=None):
     def chunk(start, stop):
         n = stop - start
         y = xp.zeros((n, H + top + bottom, W + left + right, KH, KW, OC), dtype=out.dtype)
-        y[:, top:top + H, left:left + W] = (x[start:stop].reshape(-1, C) @ w_taps).reshape(n, H, W, KH, KW, OC)
+        y[:, top:top + H, left:left + W] = matmul(x[start:stop].reshape(-1, C), w_taps).reshape(n, H, W, KH, KW, OC)
         out_c = out[start:stop]
         if add_to is None:
             out_c[...] = 0
@@ -246,7 +247,7 @@ def correlate_taps_weight_grad(x, dout, KH, KW, stride, padding):
             for b in range(KW):
                 d[:, a:a + stride * OH:stride, b:b + stride * OW:stride, a, b] = dout[start:stop]
         d = d[:, top:top + H, left:left + W].reshape(-1, KH * KW * OC)  # padding reads zeros
-        return x[start:stop].reshape(-1, C).T @ d
+        return matmul(x[start:stop].reshape(-1, C).T, d)
 
     dw = sum(map_chunks(chunk, N, xp, rows_per_item=H * W))
     return dw.reshape(C, KH, KW, OC).transpose(3, 0, 1, 2)
@@ -269,10 +270,10 @@ def correlate_im2col(x, w, stride, padding, bias=None, add_to=None):
         cols = columns(x[start:stop], KH, KW, stride, padding)
         out_c = out[start:stop]
         if add_to is None:
-            xp.matmul(cols, w_matrix, out=out_c.reshape(-1, OC))
+            matmul(cols, w_matrix, out=out_c.reshape(-1, OC))
         else:
             products = scratch("conv products", (len(cols), OC), out.dtype) if xp is np else None
-            out_c += xp.matmul(cols, w_matrix, out=products).reshape(out_c.shape)
+            out_c += matmul(cols, w_matrix, out=products).reshape(out_c.shape)
         add_bias(out_c, bias, start, stop)
 
     map_chunks(chunk, N, xp, rows_per_item=OH * OW)
@@ -295,7 +296,7 @@ def correlate_weight_grad(x, dout, KH, KW, stride):
 
     def chunk(start, stop):
         cols = columns(x[start:stop], KH, KW, stride, padding)
-        return cols.T @ dout[start:stop].reshape(-1, OC)
+        return matmul(cols.T, dout[start:stop].reshape(-1, OC))
 
     dw = sum(map_chunks(chunk, N, xp, rows_per_item=OH * OW))
     return dw.reshape(KH, KW, C, OC).transpose(3, 2, 0, 1)
@@ -324,7 +325,7 @@ def correlate_input_grad(dout, w, x_shape, stride):
     def chunk(start, stop):
         n = stop - start
         dcols = work_array("col2im columns", (n * in_rows, KH * KW * C))
-        xp.matmul(dout[start:stop].reshape(-1, OC), w_matrix_t, out=dcols)
+        matmul(dout[start:stop].reshape(-1, OC), w_matrix_t, out=dcols)
         dxpad = col2im(dcols, (n, *padded_shape), KH, KW, stride, out=work_array("col2im image", (n, *padded_shape)))
         dx[start:stop] = dxpad[:, pad_h[0]:pad_h[0] + H, pad_w[0]:pad_w[0] + W]
 

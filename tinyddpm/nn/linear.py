@@ -9,6 +9,7 @@ import numpy as np
 from tinyddpm.backend import get_array_module
 from tinyddpm.nn import memory
 from tinyddpm.nn.conv import bias_grad, glorot_uniform
+from tinyddpm.nn.matmul import matmul
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import map_chunks
 
@@ -24,7 +25,7 @@ def linear_forward(x, w, b):
     out = memory.empty((x2d.shape[0], out_features), xp.result_type(x, w), xp)
 
     def chunk(start, stop):
-        xp.matmul(x2d[start:stop], w.T, out=out[start:stop])
+        matmul(x2d[start:stop], w.T, out=out[start:stop])
         out[start:stop] += b
 
     map_chunks(chunk, x2d.shape[0], xp)
@@ -40,8 +41,8 @@ def linear_backward(dout, cache):
     dx = memory.empty(x2d.shape, xp.result_type(dout, w), xp)
 
     def chunk(start, stop):
-        xp.matmul(dout2d[start:stop], w, out=dx[start:stop])
-        return dout2d[start:stop].T @ x2d[start:stop]
+        matmul(dout2d[start:stop], w, out=dx[start:stop])
+        return matmul(dout2d[start:stop].T, x2d[start:stop])
 
     dw = sum(map_chunks(chunk, x2d.shape[0], xp))
     db = bias_grad(dout2d)
