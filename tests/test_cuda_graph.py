@@ -111,7 +111,7 @@ def test_capture_blas_products_equal_cupys(dtype):
              (device(4, 1, 64, 16), device(4, 64, 1, 16).transpose(0, 2, 3, 1)),
              (device(4, 2, 64, 16), device(4, 64, 2, 16).transpose(0, 2, 3, 1))]
     stream = cupy.cuda.Stream(non_blocking=True)
-    blas = CaptureBlas(stream)
+    blas = CaptureBlas().bind(stream)
     try:
         with stream:
             for a, b in cases:

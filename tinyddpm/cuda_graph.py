@@ -17,6 +17,8 @@ A recorded graph holds the device addresses of everything it read and wrote, so:
 
 CuPy will not call cuBLAS during a capture, so the pass's matrix products go to cuBLAS
 directly while it is recorded (``nn/cublas.py``, through ``nn.matmul.products_through``).
+All graphs share that handle's workspace, so they must not run at the same time: each is
+launched on the current stream, after the copies of its inputs.
 """
 
 import contextlib
@@ -24,7 +26,7 @@ import os
 
 import numpy as np
 
-from tinyddpm.nn.cublas import CaptureBlas
+from tinyddpm.nn.cublas import capture_blas
 from tinyddpm.nn.matmul import products_through
 
 
@@ -44,8 +46,8 @@ class CapturedForward:
         model(self.x, self.steps, self.labels)
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.blas = CaptureBlas(self.stream, tf32=os.environ.get("CUPY_TF32") == "1")
-        with self.stream, cupy.cuda.using_allocator(self.pool.malloc), products_through(self.blas):
+        blas = capture_blas(self.stream, tf32=os.environ.get("CUPY_TF32") == "1")
+        with self.stream, cupy.cuda.using_allocator(self.pool.malloc), products_through(blas):
             self.stream.begin_capture()
             try:
                 self.out = model(self.x, self.steps, self.labels)
@@ -63,9 +65,3 @@ class CapturedForward:
             self.labels.set(np.ascontiguousarray(labels, dtype=self.labels.dtype))
         self.graph.launch()
         return self.out.copy()
-
-    def __del__(self):
-        blas = getattr(self, "blas", None)
-        if blas is not None:
-            with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
-                blas.close()

@@ -41,22 +41,28 @@ def _load_library():
 
 
 class CaptureBlas:
-    """A cuBLAS handle bound to one stream, with :meth:`matmul` for CuPy arrays.
+    """A cuBLAS handle of tinyddpm's own, with :meth:`matmul` for CuPy arrays.
 
-    Its workspace is a CuPy array that lives as long as the handle (the graph's kernels use it).
+    :meth:`bind` points it at the stream being captured. Its workspace is a CuPy array that
+    lives as long as the handle, as the graphs' kernels use it. The process keeps one
+    (:func:`capture_blas`), as CuPy keeps one handle per device for its own products.
     """
 
-    def __init__(self, stream, tf32=False):
+    def __init__(self):
         import cupy
 
         self.lib = _load_library()
         self.handle = ctypes.c_void_p()
         self._check("cublasCreate_v2", ctypes.byref(self.handle))
         self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=np.uint8)
+
+    def bind(self, stream, tf32=False):
+        """Run the handle's products on ``stream``, in TF32 or plain float32."""
         self._check("cublasSetStream_v2", self.handle, ctypes.c_void_p(stream.ptr))
         self._check("cublasSetWorkspace_v2", self.handle, ctypes.c_void_p(self.workspace.data.ptr),
-                    ctypes.c_size_t(WORKSPACE_BYTES))
+                    ctypes.c_size_t(WORKSPACE_BYTES))  # after the stream: setting one resets the other
         self._check("cublasSetMathMode", self.handle, TF32_TENSOR_OP_MATH if tf32 else DEFAULT_MATH)
+        return self
 
     def close(self):
         if self.handle:
@@ -115,6 +121,17 @@ class CaptureBlas:
                      ctypes.byref(zero), ctypes.c_void_p(z.data.ptr), max(ld_z, 1), ctypes.c_longlong(stride_z),
                      batch]
             self._check(f"cublas{prefix}gemmStridedBatched", *args)
+
+
+_capture_blas = None
+
+
+def capture_blas(stream, tf32=False):
+    """The process's :class:`CaptureBlas`, made on first use and bound to ``stream``."""
+    global _capture_blas
+    if _capture_blas is None:
+        _capture_blas = CaptureBlas()
+    return _capture_blas.bind(stream, tf32)
 
 
 def _layout(x, op=None):
