@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CuPy, PyTorch-CUDA and a GPU (such as the lent
 # device machine): the GPU tests, the GPU benchmarks (sampling with and without CUDA graphs),
-# a per-layer profile, a short example training run, the sample command with and without
+# the training step's host and device time, a per-layer profile, a short example training run, the sample command with and without
 # CUDA graphs, and an evaluation of the shipped model. Logs, JSON and a sample grid go to
 # $OUT (or ./gpu_out). Stages named in SKIP are left out; "conv tf32" are extra stages
 # (conv parts, TF32 accuracy and the TF32 benchmark) that run only when named in EXTRA.
@@ -30,6 +30,9 @@ skip bench || bench 150 --out "$OUT/bench_step_gpu.json"
 
 stage "bench_step --device gpu, TINYDDPM_CUDA_GRAPHS=0 (every kernel launched from Python)"
 skip eager || TINYDDPM_CUDA_GRAPHS=0 bench 100 --skip-memory --out "$OUT/bench_step_gpu_eager.json"
+
+stage "training steps split into queueing (host) and waiting (device), gc on and off"
+skip host || timeout 60 python3 -m bench.gpu_step_host --out "$OUT/gpu_step_host.json" 2>&1 | tail -4
 
 stage "profile_layers --device gpu (training step)"
 skip profile || timeout 60 python3 -m bench.profile_layers --device gpu --batch 128 --steps 3 \

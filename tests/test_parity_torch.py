@@ -115,7 +115,7 @@ def parity_errors(model, reference, x, t, target, loss="projection", xp=np):
         loss_fn = MSELoss()
         value = loss_fn(to_device(out, xp), to_device(target, xp))
         reference_value = mse_loss(reference_out, nchw(target))
-        errors["loss"] = rel_err(value, reference_value.item())
+        errors["loss"] = rel_err(float(value), reference_value.item())
         model.backward(loss_fn.backward())
         reference_value.backward()
     reference_grads = {n: p.grad.numpy() for n, p in reference.named_parameters()}

@@ -63,7 +63,8 @@ def step_rng(seed, step):
 
 
 def train_step(model, optimizer, loss_fn, schedule, x0, t, noise, labels=None):
-    """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the loss."""
+    """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the
+    loss as a scalar on the device, so that nothing waits for the GPU until it is read."""
     loss = _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels)
     optimizer.step()
     return loss

@@ -1,7 +1,10 @@
 """The training loss, MATLAB's ``mse``: half the summed squared error per sample.
 
-Shapes: ``pred`` and ``target`` (N, ...) -> a Python float
+Shapes: ``pred`` and ``target`` (N, ...) -> a scalar on their device,
 ``sum((pred - target) ** 2) / (2 * N)`` with N the batch size (first axis).
+
+The loss stays on the device: reading it (``float(loss)``) waits for the GPU, so the
+training step reads it once, after the update, and backward is queued without waiting.
 """
 
 from tinyddpm.nn.module import Module
@@ -14,7 +17,7 @@ class MSELoss(Module):
         diff = pred - target
         N = pred.shape[0]
         self.save_for_backward(diff, N)
-        return float((diff * diff).sum()) / (2 * N)
+        return (diff * diff).sum() / (2 * N)
 
     def backward(self, dout=1.0):
         diff, N = self.saved()

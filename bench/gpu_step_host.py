@@ -1,0 +1,89 @@
+"""How much of a GPU training step is the host's: queueing the kernels from Python, or waiting.
+
+    python -m bench.gpu_step_host [--device gpu|cpu] [--batch B] [--steps N] [--out FILE.json]
+
+Runs N training steps of the example network one at a time (after three warm-up steps). Each
+step is split at the point where ``train_step`` has returned, its whole update queued, and the
+loss (left on the device) is read: *queue* is the Python time up to there, *wait* the time the
+read then blocks for the GPU to finish. A step whose wait is near zero is paced by the host:
+the GPU ran out of queued work. The steps run twice, with Python's garbage collector on and
+then off, to show whether its pauses explain slow steps. Prints a table (median and range of
+each part, in ms) and writes every time to the JSON. On the CPU the queue is the whole step.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import numpy as np
+
+from bench.bench_step import make_batch
+
+
+def run_steps(device, batch, steps):
+    """Per-step (queue, wait) seconds of ``steps`` steps, with and without the garbage collector."""
+    from tinyddpm.backend import array_module
+    from tinyddpm.diffusion import linear_schedule
+    from tinyddpm.nn import MSELoss, array_cache
+    from tinyddpm.optim import Adam
+    from tinyddpm.train import train_step
+    from tinyddpm.unet import UNet, preset
+
+    xp = array_module(device)
+    model = UNet(preset("example"), rng=np.random.default_rng(0), dtype=np.float32).to(xp)
+    optimizer, loss_fn, schedule = Adam(model.parameters(), lr=5e-4), MSELoss(), linear_schedule()
+    x0, t, noise = make_batch(batch)
+    x0, noise = xp.asarray(x0), xp.asarray(noise)
+
+    def step():
+        start = time.perf_counter()
+        loss = train_step(model, optimizer, loss_fn, schedule, x0, t, noise)
+        queued = time.perf_counter()
+        float(loss)
+        return queued - start, time.perf_counter() - queued
+
+    results = {}
+    with array_cache():
+        for _ in range(3):
+            step()
+        for label, collect in (("gc on", True), ("gc off", False)):
+            if not collect:
+                gc.collect()
+                gc.disable()
+            try:
+                results[label] = [step() for _ in range(steps)]
+            finally:
+                gc.enable()
+    return results
+
+
+def describe(seconds):
+    ms = [s * 1e3 for s in seconds]
+    return f"{statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", help="JSON path (default: none written)")
+    args = parser.parse_args(argv)
+    results = run_steps(args.device, args.batch, args.steps)
+    print(f"{'steps':8s} {'queue ms':>22s} {'wait ms':>22s} {'step ms':>22s}")
+    for label, times in results.items():
+        queue, wait = zip(*times)
+        print(f"{label:8s} {describe(queue):>22s} {describe(wait):>22s} "
+              f"{describe([q + w for q, w in times]):>22s}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": args.device, "batch": args.batch,
+                       "steps": {label: [{"queue_s": q, "wait_s": w} for q, w in times]
+                                 for label, times in results.items()}}, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
