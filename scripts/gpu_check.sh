@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CuPy, PyTorch-CUDA and a GPU (such as the lent
 # device machine): the GPU tests, the GPU benchmarks (sampling with and without CUDA graphs),
-# the training step's host and device time, a per-layer profile, a short example training run, the sample command with and without
-# CUDA graphs, and an evaluation of the shipped model. Logs, JSON and a sample grid go to
-# $OUT (or ./gpu_out). Stages named in SKIP are left out; "conv tf32" are extra stages
-# (conv parts, TF32 accuracy and the TF32 benchmark) that run only when named in EXTRA.
+# the training step's host and device time, a per-layer profile, a short example training
+# run, the sample command with and without CUDA graphs, and an evaluation of the shipped
+# model. Logs, JSON and a sample grid go to $OUT (or ./gpu_out). Stages named in SKIP are
+# left out; "conv tf32" are extra stages (conv parts, TF32 accuracy and the TF32 benchmark)
+# that run only when named in EXTRA.
 # Usage: [SKIP="evaluate train ..."] [EXTRA="conv tf32"] bash scripts/gpu_check.sh [train-updates]
 set -u
 OUT=${OUT:-gpu_out}
