@@ -28,8 +28,12 @@ Every row reports the median and the min..max of its rounds; its ratio is the ra
 medians, and ``paired`` is the median of the rounds' own ratios, which a machine whose speed
 drifts during the row moves less. Both run on
 the same number of threads: ``torch.set_num_threads(n)`` and threadpoolctl's limit on every
-BLAS/OpenMP pool loaded in the process (default n = ``os.cpu_count()``). On the GPU the clock is
-read only after ``cupy.cuda.Device().synchronize()`` / ``torch.cuda.synchronize()``.
+BLAS/OpenMP pool loaded in the process (default n = ``os.cpu_count()`` on the CPU, 1 on the
+GPU). On the GPU both libraries drive the device from one host thread, and more threads only
+hurt: PyTorch's idle OpenMP threads spin after its step and slowed the next one of
+tinyddpm's, whose step is paced by the host, from 73 to 103 ms (median of 50 on an H100 with 16
+cores; PyTorch's own step stayed at 61-62 ms). On the GPU the clock is read only after
+``cupy.cuda.Device().synchronize()`` / ``torch.cuda.synchronize()``.
 
 Peak memory. Each implementation runs in a fresh subprocess that imports only what it needs,
 reads its peak resident set size (``VmHWM`` from ``/proc/self/status``, or ``ru_maxrss`` where
@@ -502,8 +506,8 @@ def main(argv=None):
     parser.add_argument("--min-row-seconds", type=float, default=30.0,
                         help=f"more rounds (up to {MAX_ROUNDS}) while a row has taken less than this (default 30)")
     parser.add_argument("--batch", type=int, default=128, help="training batch (default 128, the example's)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads for both implementations (default: os.cpu_count())")
+    parser.add_argument("--threads", type=int,
+                        help="threads for both implementations (default: os.cpu_count() on the CPU, 1 on the GPU)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory row")
     parser.add_argument("--out", help="JSON path (default bench/results/bench_step_<device>.json)")
     parser.add_argument("--allocator", choices=("default", "tuned"), default="default",
@@ -513,6 +517,8 @@ def main(argv=None):
                         help="GPU: TF32 tensor-core matrix products in both implementations")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "gpu" else os.cpu_count()
     if args.allocator == "tuned" and os.environ.get("GLIBC_TUNABLES") != TUNED_MALLOC:
         # glibc reads its tunables at start-up only: run again under them.
         env = {**os.environ, "GLIBC_TUNABLES": TUNED_MALLOC}

@@ -57,7 +57,7 @@ def nhwc(x):
 
 def rel_err(a, b, scale=None):
     """||a - b|| / ||b|| (or / ``scale``), in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = np.asarray(to_host(a), dtype=np.float64), np.asarray(to_host(b), dtype=np.float64)
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) if scale is None else scale))
 
 
