@@ -45,6 +45,8 @@ CASES = {
     "stack, one head (attention)": lambda: (matrices(2, 1, 6, 4), matrices(2, 6, 1, 4).transpose(0, 2, 3, 1)),
     "stack, three heads (copied)": lambda: (matrices(2, 3, 6, 4), matrices(2, 6, 3, 4).transpose(0, 2, 3, 1)),
     "stack of strided views": lambda: (matrices(4, 6, 5)[::2], matrices(2, 5, 3)),
+    "reversed rows (copied)": lambda: (matrices(5, 3)[::-1], matrices(3, 4)),
+    "reversed stack (copied)": lambda: (matrices(3, 5, 3)[::-1], matrices(3, 3, 4)),
 }
 
 

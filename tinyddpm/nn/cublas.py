@@ -138,7 +138,7 @@ def _layout(x, op=None):
     """``(op, leading dimension, batch stride)`` in elements of the stack of matrices ``x``
     as cuBLAS reads it (OP_N: rows are contiguous, OP_T: columns are), or None when it
     cannot read it as it is (or not with the given ``op``)."""
-    if any(s % x.itemsize for s in x.strides):
+    if any(s % x.itemsize or s < 0 for s in x.strides):
         return None
     strides = [s // x.itemsize for s in x.strides]
     (rows, cols), (row_stride, col_stride) = x.shape[-2:], strides[-2:]
