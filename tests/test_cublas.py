@@ -77,3 +77,13 @@ def test_empty_products_and_bad_shapes():
         blas.matmul(matrices(5, 3), matrices(4, 4))
     with pytest.raises(TypeError, match="float32 or two float64"):
         blas.matmul(matrices(5, 3).astype(np.float32), matrices(3, 4))
+
+
+def test_only_device_products_go_to_the_capture_handle():
+    from tinyddpm.nn.matmul import matmul, products_through
+
+    blas = NumpyGemm()
+    a, b = matrices(5, 3), matrices(3, 4)
+    with products_through(blas):
+        np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)  # NumPy arrays: NumPy's matmul
+    assert blas.calls == []
