@@ -11,9 +11,11 @@ Rows (the example network, float32):
 - ``sample step``: one step of the ancestral sampler at batch 16 (the example's preview) and at
   batch B: a forward pass that keeps nothing for backward (``no_grad`` / ``torch.no_grad``)
   and the update to x_{t-1}; tinyddpm's forward is ``sampling.predict_noise``, as its sampler
-  makes it (on the CPU, each thread runs the network on its own slice of the batch). tinyddpm's steps run inside one ``frozen_weights()`` block, as
-  ``sample()`` runs all of its steps, so each conv's filter transform is made once, in the
-  warm-up call, and the timed calls measure a sampler's steady state.
+  makes it (on the CPU each thread runs the network on its own slice of the batch; on the GPU
+  it replays a CUDA graph). tinyddpm's steps run inside one ``frozen_weights()`` block, as
+  ``sample()`` runs all of its steps, so each conv's filter transform (and on the GPU the
+  graph) is made once, in the warm-up call, and the timed calls measure a sampler's steady
+  state.
 - ``peak memory``: the extra peak memory of a training step (see below).
 
 tinyddpm runs everything inside one ``array_cache()`` block (``nn/memory.py``), as ``train()``

@@ -17,45 +17,34 @@ import json
 import statistics
 import time
 
-import numpy as np
-
-from bench.bench_step import make_batch
+from bench.bench_step import TinyddpmBench
 
 
 def run_steps(device, batch, steps):
     """Per-step (queue, wait) seconds of ``steps`` steps, with and without the garbage collector."""
-    from tinyddpm.backend import array_module
-    from tinyddpm.diffusion import linear_schedule
-    from tinyddpm.nn import MSELoss, array_cache
-    from tinyddpm.optim import Adam
     from tinyddpm.train import train_step
-    from tinyddpm.unet import UNet, preset
 
-    xp = array_module(device)
-    model = UNet(preset("example"), rng=np.random.default_rng(0), dtype=np.float32).to(xp)
-    optimizer, loss_fn, schedule = Adam(model.parameters(), lr=5e-4), MSELoss(), linear_schedule()
-    x0, t, noise = make_batch(batch)
-    x0, noise = xp.asarray(x0), xp.asarray(noise)
+    bench = TinyddpmBench(device, batch)  # the benchmark's model, Adam, batch, inside array_cache()
 
     def step():
         start = time.perf_counter()
-        loss = train_step(model, optimizer, loss_fn, schedule, x0, t, noise)
+        loss = train_step(bench.model, bench.optimizer, bench.loss_fn, bench.schedule, bench.x0, bench.t,
+                          bench.noise)
         queued = time.perf_counter()
         float(loss)
         return queued - start, time.perf_counter() - queued
 
+    for _ in range(3):
+        step()
     results = {}
-    with array_cache():
-        for _ in range(3):
-            step()
-        for label, collect in (("gc on", True), ("gc off", False)):
-            if not collect:
-                gc.collect()
-                gc.disable()
-            try:
-                results[label] = [step() for _ in range(steps)]
-            finally:
-                gc.enable()
+    for label, collect in (("gc on", True), ("gc off", False)):
+        if not collect:
+            gc.collect()
+            gc.disable()
+        try:
+            results[label] = [step() for _ in range(steps)]
+        finally:
+            gc.enable()
     return results
 
 

@@ -87,13 +87,7 @@ class CaptureBlas:
                 return xp.zeros(shape, a.dtype)
             out[...] = 0
             return out
-        layout_a, layout_b = _layout(a), _layout(b)
-        if layout_a is None:
-            a = xp.ascontiguousarray(a)
-            layout_a = _layout(a)
-        if layout_b is None:
-            b = xp.ascontiguousarray(b)
-            layout_b = _layout(b)
+        (a, layout_a), (b, layout_b) = _readable(a), _readable(b)
         c = out if out is not None and out.dtype == a.dtype and _layout(out, OP_N) else xp.empty(shape, a.dtype)
         (op_a, ld_a, stride_a), (op_b, ld_b, stride_b), (_, ld_c, stride_c) = layout_a, layout_b, _layout(c)
         m, k, n = shape[-2], a.shape[-1], shape[-1]
@@ -132,6 +126,15 @@ def capture_blas(stream, tf32=False):
     if _capture_blas is None:
         _capture_blas = CaptureBlas()
     return _capture_blas.bind(stream, tf32)
+
+
+def _readable(x):
+    """``(x, its layout)``, or a contiguous copy of ``x`` and its layout where cuBLAS cannot read ``x``."""
+    layout = _layout(x)
+    if layout is None:
+        x = get_array_module(x).ascontiguousarray(x)
+        layout = _layout(x)
+    return x, layout
 
 
 def _layout(x, op=None):

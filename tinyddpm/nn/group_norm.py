@@ -137,6 +137,14 @@ def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False)
             (x3, mean, inv_std, gamma, beta, G))
 
 
+def _recomputed_xhat(x3, mean, inv_std, start, stop):
+    """The normalised input ``(x - mean) * inv_std`` of samples ``start:stop``, in a scratch array."""
+    xhat = scratch("group norm xhat", (stop - start, *x3.shape[1:]), x3.dtype)
+    np.subtract(x3[start:stop], mean[start:stop], out=xhat)
+    xhat *= inv_std[start:stop]
+    return xhat
+
+
 def _backward_chunk(dout_c, xhat_c, inv_std_c, gamma, G, dx_c):
     """GroupNorm's input gradient for one chunk of whole samples, into ``dx_c``.
 
@@ -168,9 +176,8 @@ def group_norm_backward(dout, cache):
     dx = memory.empty_like(x3)
 
     def chunk(start, stop):
-        xhat_c = xp.subtract(x3[start:stop], mean[start:stop])
-        xhat_c *= inv_std[start:stop]
-        return _backward_chunk(dout3[start:stop], xhat_c, inv_std[start:stop], gamma, G, dx[start:stop])
+        xhat = _recomputed_xhat(x3, mean, inv_std, start, stop)
+        return _backward_chunk(dout3[start:stop], xhat, inv_std[start:stop], gamma, G, dx[start:stop])
 
     dgamma, dbeta = _sum_partials(_map_samples(chunk, x3))
     return dx.reshape(dout.shape), dgamma, dbeta
@@ -198,8 +205,7 @@ def group_norm_swish_backward(dout, dnormalised, cache):
 
     def chunk(start, stop):
         shape, dtype = (stop - start, *x3.shape[1:]), x3.dtype
-        xhat = xp.subtract(x3[start:stop], mean[start:stop], out=scratch("group norm xhat", shape, dtype))
-        xhat *= inv_std[start:stop]
+        xhat = _recomputed_xhat(x3, mean, inv_std, start, stop)
         n = xp.multiply(xhat, gamma, out=scratch("group norm output", shape, dtype))
         n += beta
         s = sigmoid(n, out=scratch("swish sigmoid", shape, dtype))

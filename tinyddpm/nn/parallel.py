@@ -74,6 +74,11 @@ _blas = None
 _thread_state = threading.local()
 
 
+def _runs(n, per_run):
+    """``(start, stop)`` pairs cutting ``range(n)`` into runs of ``per_run`` (the last may be shorter)."""
+    return [(start, min(start + per_run, n)) for start in range(0, n, per_run)]
+
+
 def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
     """``(start, stop)`` pairs covering ``range(n)``, items of ``rows_per_item`` rows.
 
@@ -86,8 +91,7 @@ def chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
     floor = -(-min_rows // rows_per_item)
     if n * rows_per_item >= min_rows:
         floor = min(floor, -(-n // THREADS))
-    per_chunk = max(per_chunk, floor, 1)
-    return [(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
+    return _runs(n, max(per_chunk, floor, 1))
 
 
 def slice_chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_ROWS):
@@ -100,8 +104,7 @@ def slice_chunk_bounds(n, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_R
     the pass 5-8% faster, and left batch 128's, whose quarters are larger, as they were.
     """
     most = max(chunk_rows // rows_per_item, 1)
-    per_chunk = min(most, max(-(-n // CHUNKS_PER_THREAD), -(-most // 2), -(-min_rows // rows_per_item)))
-    return [(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
+    return _runs(n, min(most, max(-(-n // CHUNKS_PER_THREAD), -(-most // 2), -(-min_rows // rows_per_item))))
 
 
 class _OneBlasThread:
@@ -216,8 +219,7 @@ def map_chunks(fn, n, xp, rows_per_item=1, chunk_rows=CHUNK_ROWS, min_rows=MIN_R
     if xp is not np:
         if rows_per_item == 1:
             return [fn(0, n)]
-        per_chunk = max(GPU_CHUNK_ROWS // rows_per_item, 1)
-        return [fn(start, min(start + per_chunk, n)) for start in range(0, n, per_chunk)]
+        return [fn(*b) for b in _runs(n, max(GPU_CHUNK_ROWS // rows_per_item, 1))]
     if _in_batch_slice():
         return [fn(*b) for b in slice_chunk_bounds(n, rows_per_item, chunk_rows, min_rows)]
     bounds = chunk_bounds(n, rows_per_item, chunk_rows, min_rows)
@@ -239,8 +241,7 @@ def map_batch(fn, n, xp):
     """
     if xp is not np or THREADS == 1 or n < 2 or _in_batch_slice():
         return [fn(0, n)]
-    per_slice = -(-n // THREADS)
-    bounds = [(start, min(start + per_slice, n)) for start in range(0, n, per_slice)]
+    bounds = _runs(n, -(-n // THREADS))
 
     def slice_of_batch(start, stop):
         _thread_state.in_batch_slice = True
