@@ -6,8 +6,9 @@
 Rows (the example network, float32):
 
 - ``train step``: one training update at batch B (default 128, the example's): q_sample,
-  forward, the MATLAB mse loss, backward, Adam. tinyddpm's ``train_step`` against the
-  reference's ``train_step``.
+  forward, the MATLAB mse loss, backward, Adam. tinyddpm's ``train.TrainStep``, as ``train()``
+  runs it (on the GPU it replays a CUDA graph of the update after the warm-up call), against
+  the reference's ``train_step``.
 - ``sample step``: one step of the ancestral sampler at batch 16 (the example's preview) and at
   batch B: a forward pass that keeps nothing for backward (``no_grad`` / ``torch.no_grad``)
   and the update to x_{t-1}; tinyddpm's forward is ``sampling.predict_noise``, as its sampler
@@ -127,15 +128,18 @@ class TinyddpmBench:
         self.blocks = contextlib.ExitStack()
         self.blocks.enter_context(array_cache())
         self.frozen = False
+        self.update = None  # the TrainStep, made on first use
 
     def sync(self):
         if self.xp is not np:
             self.xp.cuda.Device().synchronize()
 
     def train_step(self):
-        from tinyddpm.train import train_step
+        if self.update is None:
+            from tinyddpm.train import TrainStep
 
-        train_step(self.model, self.optimizer, self.loss_fn, self.schedule, self.x0, self.t, self.noise)
+            self.update = TrainStep(self.model, self.optimizer, self.loss_fn, self.schedule)
+        return self.update(self.x0, self.t, self.noise)
 
     def sample_step(self, batch):
         from tinyddpm.diffusion import ancestral_step

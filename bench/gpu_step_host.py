@@ -3,12 +3,14 @@
     python -m bench.gpu_step_host [--device gpu|cpu] [--batch B] [--steps N] [--out FILE.json]
 
 Runs N training steps of the example network one at a time (after three warm-up steps). Each
-step is split at the point where ``train_step`` has returned, its whole update queued, and the
-loss (left on the device) is read: *queue* is the Python time up to there, *wait* the time the
-read then blocks for the GPU to finish. A step whose wait is near zero is paced by the host:
-the GPU ran out of queued work. The steps run twice, with Python's garbage collector on and
-then off, to show whether its pauses explain slow steps. Prints a table (median and range of
-each part, in ms) and writes every time to the JSON. On the CPU the queue is the whole step.
+step is split at the point where the benchmark's training step (``train.TrainStep``: on the GPU
+it replays a CUDA graph, and ``TINYDDPM_CUDA_GRAPHS=0`` launches every kernel from Python) has
+returned, its whole update queued, and the loss (left on the device) is read: *queue* is the
+Python time up to there, *wait* the time the read then blocks for the GPU to finish. A step
+whose wait is near zero is paced by the host: the GPU ran out of queued work. The steps run
+twice, with Python's garbage collector on and then off, to show whether its pauses explain
+slow steps. Prints a table (median and range of each part, in ms) and writes every time to
+the JSON. On the CPU the queue is the whole step.
 """
 
 import argparse
@@ -22,14 +24,11 @@ from bench.bench_step import TinyddpmBench
 
 def run_steps(device, batch, steps):
     """Per-step (queue, wait) seconds of ``steps`` steps, with and without the garbage collector."""
-    from tinyddpm.train import train_step
-
     bench = TinyddpmBench(device, batch)  # the benchmark's model, Adam, batch, inside array_cache()
 
     def step():
         start = time.perf_counter()
-        loss = train_step(bench.model, bench.optimizer, bench.loss_fn, bench.schedule, bench.x0, bench.t,
-                          bench.noise)
+        loss = bench.train_step()
         queued = time.perf_counter()
         float(loss)
         return queued - start, time.perf_counter() - queued

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CuPy, PyTorch-CUDA and a GPU (such as the lent
-# device machine): the GPU tests, the GPU benchmarks (sampling with and without CUDA graphs),
+# device machine): the GPU tests, the GPU benchmarks (training and sampling with and without CUDA graphs),
 # the training step's host and device time, a per-layer profile, a short example training
 # run, the sample command with and without CUDA graphs, and an evaluation of the shipped
 # model. Logs, JSON and a sample grid go to $OUT (or ./gpu_out). Stages named in SKIP are
@@ -16,7 +16,7 @@ UPDATES=${1:-100}
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]] && echo "(skipped)"; }
 extra() { [[ " ${EXTRA:-} " == *" $1 "* ]] || { echo "(extra, not named in EXTRA)"; false; }; }
-bench() { timeout "$1" python3 -m bench.bench_step --device gpu --repeats 20 "${@:2}" 2>&1 | grep -v "round"; }
+bench() { timeout "$1" python3 -m bench.bench_step --device gpu --repeats 20 --min-row-seconds 10 "${@:2}" 2>&1 | grep -v "round"; }
 
 stage environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv

@@ -1,14 +1,16 @@
-"""The sampler's CUDA graph (cuda_graph.py): a replay is the eager pass on the new inputs."""
+"""CUDA graphs (cuda_graph.py): a replayed sampling pass or training update is the eager one on the new inputs."""
 
 import warnings
 
 import numpy as np
 import pytest
 
-from tinyddpm import sampling
+from tinyddpm import cuda_graph, sampling
 from tinyddpm.backend import array_module, gpu_unavailable_reason
 from tinyddpm.diffusion import linear_schedule
-from tinyddpm.nn import frozen_weights
+from tinyddpm.nn import MSELoss, frozen_weights
+from tinyddpm.optim import Adam
+from tinyddpm.train import TrainStep, train_step
 from tinyddpm.unet import UNet, preset
 
 pytestmark = [pytest.mark.gpu,
@@ -109,7 +111,8 @@ def test_capture_blas_products_equal_cupys(dtype):
     cases = [(device(70, 30), device(30, 20)), (device(70, 30), device(20, 30).T),
              (device(30, 70).T, device(30, 20)), (device(90, 30)[10:80], device(30, 20)),
              (device(4, 1, 64, 16), device(4, 64, 1, 16).transpose(0, 2, 3, 1)),
-             (device(4, 2, 64, 16), device(4, 64, 2, 16).transpose(0, 2, 3, 1))]
+             (device(4, 2, 64, 16), device(4, 64, 2, 16).transpose(0, 2, 3, 1)),
+             (cupy.broadcast_to(device(1, 1, 64), (4, 1, 64)), device(4, 64, 16))]  # conv.pixel_sums' ones
     stream = cupy.cuda.Stream(non_blocking=True)
     blas = CaptureBlas().bind(stream)
     try:
@@ -121,3 +124,43 @@ def test_capture_blas_products_equal_cupys(dtype):
                                            rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
     finally:
         blas.close()
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_replayed_training_update_is_the_eager_one(monkeypatch, conditional):
+    """Four updates recorded once and replayed against four eager ones, from the same weights:
+    the same losses, weights and Adam moments. A replay that read a recorded input, or the
+    step size of the step it was recorded at, would differ from the second update on."""
+    cupy = array_module("gpu")
+    monkeypatch.setattr(cuda_graph, "CUDA_GRAPHS", True)
+    schedule = linear_schedule(50)
+
+    def trainer():
+        model = conditional_tiny(np.float64)
+        return model, Adam(model.parameters(), lr=1e-3)
+
+    graphed_model, graphed_adam = trainer()
+    eager_model, eager_adam = trainer()
+    update = TrainStep(graphed_model, graphed_adam, MSELoss(), schedule)
+    rng = np.random.default_rng(6)
+    for step in range(4):
+        x0 = cupy.asarray(rng.standard_normal((5, 32, 32, 1)))
+        noise = cupy.asarray(rng.standard_normal((5, 32, 32, 1)))
+        t = rng.integers(1, 51, 5)
+        labels = np.where(rng.random(5) < 0.3, 10, rng.integers(0, 10, 5)) if conditional else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a recording that fails and falls back is a failure here
+            graphed = update(x0, t, noise, labels)
+        eager = train_step(eager_model, eager_adam, MSELoss(), schedule, x0, t, noise, labels)
+        assert update.graph is not None
+        np.testing.assert_allclose(float(graphed), float(eager), rtol=1e-10)
+    assert graphed_adam.step_count == eager_adam.step_count == 4
+    for (name, p), (_, q) in zip(graphed_model.named_parameters(), eager_model.named_parameters()):
+        if name.endswith(".k.bias"):
+            # Its exact gradient is 0 (softmax ignores a shift of each query's scores), so Adam
+            # turns the products' rounding, which may differ between cuBLAS handles, into +-lr.
+            np.testing.assert_allclose(cupy.asnumpy(p.data), cupy.asnumpy(q.data), atol=2 * 4 * 1e-3, err_msg=name)
+            continue
+        for a, b in ((p.data, q.data), (graphed_adam.m[name], eager_adam.m[name]),
+                     (graphed_adam.v[name], eager_adam.v[name])):
+            np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-9, atol=1e-12, err_msg=name)

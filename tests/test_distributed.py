@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from tinyddpm.backend import gpu_unavailable_reason
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.cli import main
-from tinyddpm.diffusion import linear_schedule
+from tinyddpm.diffusion import linear_schedule, q_sample
 from tinyddpm.distributed import DistributedError, ProcessGroup
 from tinyddpm.nn import MSELoss
 from tinyddpm.optim import Adam
@@ -137,7 +137,8 @@ def test_shard_gradients_sum_to_the_batch_gradient():
     noise = rng.standard_normal(x0.shape)
 
     def gradients(rows, weight):
-        loss = _loss_and_gradients(model, loss_fn, schedule, x0[rows], t[rows], noise[rows], None, weight)
+        x_t = q_sample(schedule, x0[rows], t[rows], noise[rows])
+        loss = _loss_and_gradients(model, loss_fn, x_t, t[rows], noise[rows], None, weight)
         return loss, {name: p.grad.copy() for name, p in model.parameters().items()}
 
     loss, whole = gradients(slice(0, 8), 1.0)

@@ -1,24 +1,27 @@
-"""The sampler's forward pass, recorded once as a CUDA graph and replayed at every step.
+"""Recorded GPU work: the sampler's forward pass and the training update, each recorded
+once as a CUDA graph and replayed at every step.
 
-On the GPU a forward pass of the example network is several hundred small kernels. At
-sampling batches each one runs for microseconds, and launching it from Python costs about
-as much again, so a step is paced by the host rather than by the GPU. A CUDA graph records
-the launches of one pass (stream capture) and replays all of them with one call.
+On the GPU a forward pass of the example network is several hundred small kernels, and a
+training step a few thousand. Launching each from Python costs microseconds of host time,
+as much as many of them take to run, so a step is paced by the host rather than by the
+GPU. A CUDA graph records the launches of a step (stream capture) and replays all of them
+with one call.
 
 A recorded graph holds the device addresses of everything it read and wrote, so:
 
-- its inputs (images, steps, labels) live in fixed arrays that every call copies into,
-  and the forward pass itself copies nothing from the host (``UNet.forward`` takes the
-  steps and labels as device arrays);
-- the arrays the pass allocates come from a memory pool of the graph's own, which nothing
+- its inputs live in fixed arrays that every call copies into, and the recorded work
+  copies nothing from the host (``UNet.forward`` takes the steps and labels as device
+  arrays; Adam reads its step size from the device, see ``optim.py``);
+- the arrays the work allocates come from a memory pool of the graph's own, which nothing
   else allocates from, so no other array can be handed an address the graph writes to;
-- the weights are read where they are: a graph is only valid while they stay put, so
-  :func:`tinyddpm.sampling.forward_without_grad` keeps graphs inside ``frozen_weights()``.
+- everything else it reads or writes stays where it was at the recording: the weights
+  (a sampling graph is kept inside ``frozen_weights()``; a training graph updates them in
+  place), their gradients and Adam's moments.
 
-CuPy will not call cuBLAS during a capture, so the pass's matrix products go to cuBLAS
-directly while it is recorded (``nn/cublas.py``, through ``nn.matmul.products_through``).
-All graphs share that handle's workspace, so they must not run at the same time: each is
-launched on the current stream, after the copies of its inputs.
+CuPy will not call cuBLAS during a capture, so the recorded matrix products go to cuBLAS
+directly (``nn/cublas.py``, through ``nn.matmul.products_through``). All graphs share that
+handle's workspace, so they must not run at the same time: each is launched on the current
+stream, after the copies of its inputs.
 """
 
 import contextlib
@@ -30,7 +33,56 @@ from tinyddpm.nn.cublas import capture_blas
 from tinyddpm.nn.matmul import products_through
 
 
-class CapturedForward:
+CUDA_GRAPHS = os.environ.get("TINYDDPM_CUDA_GRAPHS", "1") != "0"  # 0: launch every kernel from Python
+
+
+class CapturedCall:
+    """``fn(*inputs)`` recorded for inputs of the shapes and dtypes of ``inputs`` (CuPy arrays,
+    or None for an input that stays None), and replayed by calling with new ones.
+
+    The kernels ``fn`` launches must already be compiled, so run it once before recording.
+    The recording itself runs nothing: it changes no array.
+    """
+
+    def __init__(self, fn, *inputs):
+        import cupy
+
+        self.inputs = [None if a is None else a.copy() for a in inputs]
+        self.pool = cupy.cuda.MemoryPool()
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        blas = capture_blas(self.stream, tf32=os.environ.get("CUPY_TF32") == "1")
+        with self.stream, cupy.cuda.using_allocator(self.pool.malloc), products_through(blas):
+            self.stream.begin_capture()
+            try:
+                self.out = fn(*self.inputs)
+            except BaseException:
+                with contextlib.suppress(Exception):  # leave the stream usable; the first error is the one to see
+                    self.stream.end_capture()
+                raise
+            self.graph = self.stream.end_capture()
+
+    def __call__(self, *inputs):
+        """The replayed work on new inputs (device or host arrays); returns a copy of its output."""
+        for fixed, new in zip(self.inputs, inputs):
+            if fixed is None:
+                continue
+            if isinstance(new, np.ndarray) or np.isscalar(new):
+                fixed.set(np.ascontiguousarray(new, dtype=fixed.dtype))
+            else:
+                fixed[...] = new
+        self.graph.launch()
+        return self.out.copy()
+
+    def __del__(self):
+        # A CuPy MemoryPool that is dropped keeps its device memory (measured: 4 MiB lost
+        # per pool of 4 MB of blocks), so hand the blocks back before the pool goes.
+        self.graph = self.out = self.inputs = None
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.free_all_blocks()
+
+
+class CapturedForward(CapturedCall):
     """``model(x, steps, labels)`` without grad, recorded for one batch shape.
 
     The first call of the model runs outside the capture: it compiles the kernels and fills
@@ -40,36 +92,7 @@ class CapturedForward:
     def __init__(self, model, x, steps, labels=None):
         import cupy
 
-        self.x = x.copy()
-        self.steps = cupy.asarray(np.ascontiguousarray(steps))
-        self.labels = None if labels is None else cupy.asarray(np.ascontiguousarray(labels))
-        model(self.x, self.steps, self.labels)
-        self.pool = cupy.cuda.MemoryPool()
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        blas = capture_blas(self.stream, tf32=os.environ.get("CUPY_TF32") == "1")
-        with self.stream, cupy.cuda.using_allocator(self.pool.malloc), products_through(blas):
-            self.stream.begin_capture()
-            try:
-                self.out = model(self.x, self.steps, self.labels)
-            except BaseException:
-                with contextlib.suppress(Exception):  # leave the stream usable; the first error is the one to see
-                    self.stream.end_capture()
-                raise
-            self.graph = self.stream.end_capture()
-
-    def __call__(self, x, steps, labels=None):
-        """The replayed pass on new inputs of the recorded shape; returns a new array."""
-        self.x[...] = x
-        self.steps.set(np.ascontiguousarray(steps, dtype=self.steps.dtype))
-        if labels is not None:
-            self.labels.set(np.ascontiguousarray(labels, dtype=self.labels.dtype))
-        self.graph.launch()
-        return self.out.copy()
-
-    def __del__(self):
-        # A CuPy MemoryPool that is dropped keeps its device memory (measured: 4 MiB lost
-        # per pool of 4 MB of blocks), so hand the blocks back before the pool goes.
-        self.graph = self.out = None
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.free_all_blocks()
+        steps = cupy.asarray(np.ascontiguousarray(steps))
+        labels = None if labels is None else cupy.asarray(np.ascontiguousarray(labels))
+        model(x, steps, labels)
+        super().__init__(model, x, steps, labels)

@@ -6,11 +6,17 @@ For each parameter, at step t = 1, 2, ...:
     v = beta2 v + (1 - beta2) g^2
     p = p - lr * m_hat / (sqrt(v_hat) + eps),   m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
 
-The bias corrections are folded into two Python floats, so the update is
+The bias corrections are folded into two numbers, so the update is
 ``p -= step_size * m / (sqrt(v) + eps_hat)`` with ``step_size = lr sqrt(1 - beta2^t) / (1 - beta1^t)``
 and ``eps_hat = eps sqrt(1 - beta2^t)``, the same expression multiplied through by
 ``sqrt(1 - beta2^t)``. The moments are kept per parameter NAME, so the state can
 be saved next to a checkpoint and resumed.
+
+A step is :meth:`Adam.advance` (count it, work out the two numbers) and then
+:meth:`Adam.update` (apply it). On the GPU the two numbers live in a small device
+array that ``advance`` overwrites, and the fused update kernels read them there: a
+training step recorded as a CUDA graph (``cuda_graph.py``) replays ``update`` with
+the numbers of the step at hand rather than those of the step it was recorded at.
 """
 
 import math
@@ -28,31 +34,46 @@ class Adam:
         self.params = dict(params)
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.step_count = 0
+        self.step_size = self.eps_hat = None
+        self._device_scalars = None  # (step_size, eps_hat) on the GPU, read by fused.adam_update
         self.m = {name: _zeros_like(p.data) for name, p in self.params.items()}
         self.v = {name: _zeros_like(p.data) for name, p in self.params.items()}
 
     def step(self):
         """Update every parameter in place from its ``grad``."""
+        self.advance()
+        self.update()
+
+    def advance(self):
+        """Count one more step and set its bias-corrected ``step_size`` and ``eps_hat``."""
         self.step_count += 1
         t = self.step_count
         correction1 = 1.0 - self.beta1 ** t
         correction2 = math.sqrt(1.0 - self.beta2 ** t)
-        step_size = self.lr * correction2 / correction1
-        eps_hat = self.eps * correction2
+        self.step_size = self.lr * correction2 / correction1
+        self.eps_hat = self.eps * correction2
+        xp = get_array_module(next(iter(self.params.values())).data) if self.params else np
+        if xp is not np:
+            if self._device_scalars is None:
+                self._device_scalars = xp.empty(2, dtype=np.float64)
+            self._device_scalars.set(np.array([self.step_size, self.eps_hat]))
+
+    def update(self):
+        """Apply the step that :meth:`advance` set up to every parameter, in place."""
         for name, param in self.params.items():
             xp = get_array_module(param.data)
             g, m, v = param.grad, self.m[name], self.v[name]
             if xp is not np:  # one fused kernel per parameter
-                fused.adam_update(param.data, g, m, v, self.beta1, self.beta2, step_size, eps_hat)
+                fused.adam_update(param.data, g, m, v, self.beta1, self.beta2, self._device_scalars)
                 continue
             m *= self.beta1
             m += (1.0 - self.beta1) * g
             v *= self.beta2
             v += (1.0 - self.beta2) * (g * g)
             denom = xp.sqrt(v)
-            denom += eps_hat
+            denom += self.eps_hat
             xp.divide(m, denom, out=denom)
-            denom *= step_size
+            denom *= self.step_size
             param.data -= denom
 
     def state_dict(self):

@@ -5,20 +5,18 @@ per step that adds noise, in step order), so a seed gives the same images on
 the CPU and the GPU, and two samplers fed the same generator see the same noise.
 """
 
-import os
 import warnings
 
 import numpy as np
 from tqdm import tqdm
 
 from tinyddpm.backend import get_array_module, to_device, to_host
-from tinyddpm.cuda_graph import CapturedForward
+from tinyddpm.cuda_graph import CUDA_GRAPHS, CapturedForward
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import array_cache, frozen_weights, no_grad
 from tinyddpm.nn.module import prepared_weight, weights_frozen
 from tinyddpm.nn.parallel import map_batch
 
-CUDA_GRAPHS = os.environ.get("TINYDDPM_CUDA_GRAPHS", "1") != "0"  # 0: launch every kernel from Python
 
 
 def forward_without_grad(model, x, steps, labels=None):

@@ -16,12 +16,14 @@ import csv
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from tinyddpm.backend import array_module, to_device
+from tinyddpm import cuda_graph
+from tinyddpm.backend import array_module, get_array_module, to_device
 from tinyddpm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from tinyddpm.datasets import DataError, load_dataset
 from tinyddpm.diffusion import linear_schedule, q_sample, sample_timesteps
@@ -65,9 +67,65 @@ def step_rng(seed, step):
 def train_step(model, optimizer, loss_fn, schedule, x0, t, noise, labels=None):
     """One update: noise the batch to steps ``t``, predict the noise, Adam step. Returns the
     loss as a scalar on the device, so that nothing waits for the GPU until it is read."""
-    loss = _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels)
+    x_t = q_sample(schedule, x0, t, noise)
+    loss = _loss_and_gradients(model, loss_fn, x_t, t, noise, labels)
     optimizer.step()
     return loss
+
+
+class TrainStep:
+    """:func:`train_step` for one model, optimiser, loss and schedule: ``step(x0, t, noise, labels)``.
+
+    On the GPU the update is recorded as a CUDA graph (``cuda_graph.py``) after one eager
+    step, and replayed by every later step of the same batch shape: everything from the
+    noised batch on (gradients, loss, Adam's update of every parameter), with only the
+    noising and the copies of the step's inputs launched from Python. ``optimizer.advance()``
+    sets the step's Adam step size on the device before each replay. If the update cannot
+    be recorded, training warns once and goes on eagerly; ``TINYDDPM_CUDA_GRAPHS=0`` turns
+    recording off.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, schedule):
+        self.model, self.optimizer, self.loss_fn, self.schedule = model, optimizer, loss_fn, schedule
+        self.graph = None
+        self.record = cuda_graph.CUDA_GRAPHS
+
+    def __call__(self, x0, t, noise, labels=None):
+        xp = get_array_module(x0)
+        if xp is np or not self.record:
+            return train_step(self.model, self.optimizer, self.loss_fn, self.schedule, x0, t, noise, labels)
+        x_t = q_sample(self.schedule, x0, t, noise)
+        t = to_device(t, xp)
+        labels = None if labels is None else to_device(labels, xp)
+        inputs = (x_t, t, noise, labels)
+        self.optimizer.advance()
+        if self.graph is None:
+            loss = self._update(*inputs)  # compiles the kernels the recording needs
+            self.graph = self._recorded_or_warn(inputs)
+            # The eager step's arrays are free now, kept by CuPy's pool; the graph has its own.
+            xp.get_default_memory_pool().free_all_blocks()
+            return loss
+        if not self._fits(inputs):  # another batch shape: eagerly
+            return self._update(*inputs)
+        return self.graph(*inputs)
+
+    def _update(self, x_t, t, noise, labels):
+        loss = _loss_and_gradients(self.model, self.loss_fn, x_t, t, noise, labels)
+        self.optimizer.update()
+        return loss
+
+    def _fits(self, inputs):
+        return all((a is None) == (b is None) and (a is None or a.shape == b.shape)
+                   for a, b in zip(self.graph.inputs, inputs))
+
+    def _recorded_or_warn(self, inputs):
+        try:
+            return cuda_graph.CapturedCall(self._update, *inputs)
+        except Exception as error:
+            self.record = False
+            warnings.warn(f"training without a CUDA graph: recording the update failed "
+                          f"({type(error).__name__}: {error})".splitlines()[0], RuntimeWarning, stacklevel=3)
+            return None
 
 
 def data_parallel_step(group, model, optimizer, loss_fn, schedule, x0, t, noise, labels, stop):
@@ -80,15 +138,14 @@ def data_parallel_step(group, model, optimizer, loss_fn, schedule, x0, t, noise,
     with them. Returns the batch's loss and whether any rank asked to stop.
     """
     share = 1.0 / group.size
-    loss = _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels, weight=share)
+    loss = _loss_and_gradients(model, loss_fn, q_sample(schedule, x0, t, noise), t, noise, labels, weight=share)
     loss, stop = group.sum_gradients(model.parameters(), loss, stop)
     optimizer.step()
     return loss, stop
 
 
-def _loss_and_gradients(model, loss_fn, schedule, x0, t, noise, labels, weight=1.0):
-    """Noise ``x0`` to steps ``t``, predict the noise; fill ``param.grad`` for ``weight`` times the loss."""
-    x_t = q_sample(schedule, x0, t, noise)
+def _loss_and_gradients(model, loss_fn, x_t, t, noise, labels, weight=1.0):
+    """Predict the noise in the noised batch ``x_t``; fill ``param.grad`` for ``weight`` times the loss."""
     model.zero_grad()
     loss = loss_fn(model(x_t, t, labels), noise)
     model.backward(loss_fn.backward(weight))
@@ -187,6 +244,7 @@ def _train(options, out_dir, device, resume, progress, log, group):
 
     schedule = linear_schedule(options.num_steps)
     loss_fn = MSELoss()
+    update = TrainStep(model, optimizer, loss_fn, schedule)
     log_path = out_dir / "loss.csv"
     if writing:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -221,8 +279,7 @@ def _train(options, out_dir, device, resume, progress, log, group):
                 dropped = rng.random(options.batch_size) < options.label_dropout
                 labels = np.where(dropped, model.null_label, dataset.labels[batch])
             if group is None:
-                loss = float(train_step(model, optimizer, loss_fn, schedule, images[to_device(batch, xp)], t,
-                                        to_device(noise, xp), labels))
+                loss = float(update(images[to_device(batch, xp)], t, to_device(noise, xp), labels))
             else:
                 loss, stop.requested = data_parallel_step(
                     group, model, optimizer, loss_fn, schedule, images[to_device(batch[rows], xp)], t[rows],

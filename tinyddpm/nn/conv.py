@@ -347,10 +347,15 @@ def bias_grad(dout):
 def pixel_sums(a):
     """``a`` (N, ..., C) summed over its pixels per sample and channel: (N, C), the gradient of a
     per-sample bias. A product with a vector of ones: on NumPy, BLAS reads the pixels 4x
-    faster than ``sum(axis=1)`` walks them."""
+    faster than ``sum(axis=1)`` walks them. On CuPy the ones are a (1, L) row repeated over
+    the samples, a stack of matrix products that a captured graph's cuBLAS takes too."""
     xp = get_array_module(a)
-    a3 = a.reshape(len(a), -1, a.shape[-1])
-    return xp.matmul(xp.ones(a3.shape[1], dtype=a.dtype), a3)
+    N, C = len(a), a.shape[-1]
+    a3 = a.reshape(N, -1, C)
+    if xp is np:
+        return xp.matmul(xp.ones(a3.shape[1], dtype=a.dtype), a3)
+    ones = xp.broadcast_to(xp.ones((1, a3.shape[1]), dtype=a.dtype), (N, 1, a3.shape[1]))
+    return matmul(ones, a3).reshape(N, C)
 
 
 def conv2d_forward(x, w, b, stride=1, add_to=None):

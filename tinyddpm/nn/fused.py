@@ -17,6 +17,8 @@ import functools
 
 import numpy as np
 
+from tinyddpm.nn.matmul import matmul
+
 
 @functools.cache
 def _cupy():
@@ -56,17 +58,22 @@ def swish_backward(s, out, dout):
 # --- Adam ---------------------------------------------------------------------------------------
 
 
-def adam_update(param, grad, m, v, beta1, beta2, step_size, eps_hat):
-    """One Adam step in place on ``param``, ``m`` and ``v`` (see ``optim.py`` for the algebra)."""
+def adam_update(param, grad, m, v, beta1, beta2, scalars):
+    """One Adam step in place on ``param``, ``m`` and ``v`` (see ``optim.py`` for the algebra).
+
+    ``scalars`` is a float64 device array ``(step_size, eps_hat)``, read by the kernel at run
+    time, so a recorded graph of this kernel serves every later step. Each is rounded to
+    ``param``'s dtype before use, as a scalar argument of that dtype would be.
+    """
     kernel = _kernel(
-        "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, T eps_hat",
+        "T g, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, raw float64 scalars",
         "T p, T m, T v",
         "m = m * beta1 + one_minus_beta1 * g;"
         "v = v * beta2 + one_minus_beta2 * (g * g);"
-        "p -= m / (sqrt(v) + eps_hat) * step_size;",
+        "p -= m / (sqrt(v) + (T)scalars[1]) * (T)scalars[0];",
         name="adam_update")
-    kernel(grad, *(_scalar(value, param) for value in (beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size, eps_hat)),
-           param, m, v)
+    kernel(grad, *(_scalar(value, param) for value in (beta1, 1.0 - beta1, beta2, 1.0 - beta2)),
+           scalars, param, m, v)
 
 
 # --- sums over rows (bias gradients) ------------------------------------------------------------
@@ -78,8 +85,8 @@ def sum_rows(a):
     CuPy's reduction gives each of the K columns one block, which leaves most of the
     GPU idle when K is a few hundred and M a hundred thousand; cuBLAS does not.
     """
-    cupy = _cupy()
-    return cupy.ones(a.shape[0], dtype=a.dtype) @ a
+    ones = _cupy().ones((1, a.shape[0]), dtype=a.dtype)
+    return matmul(ones, a).reshape(a.shape[1])
 
 
 # --- GroupNorm ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ code runs on NumPy and CuPy and repeated labels add up.
 import numpy as np
 
 from tinyddpm.backend import get_array_module
+from tinyddpm.nn.matmul import matmul
 from tinyddpm.nn.module import Module, Parameter
 from tinyddpm.nn.parallel import one_blas_thread
 
@@ -29,5 +30,5 @@ class LabelEmbedding(Module):
         xp = get_array_module(dout)
         onehot = xp.eye(self.weight.data.shape[0], dtype=dout.dtype)[labels]
         with one_blas_thread():  # a small product: see parallel.py for why not on BLAS's threads
-            self.weight.grad += onehot.T @ dout
+            self.weight.grad += matmul(onehot.T, dout)
         return None
