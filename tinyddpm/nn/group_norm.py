@@ -10,7 +10,8 @@ Internally ``x`` is viewed as (N, L, C). Every statistic is first summed per
 sample and channel over the pixels, (N, C), then per group, and spread back
 over the group's channels as (N, 1, C) so it broadcasts along whole pixel rows
 (broadcasting along runs of C values is several times faster in NumPy than
-along (N, L, G, C/G) with a size-1 last axis).
+along (N, L, G, C/G) with a size-1 last axis). Forward goes one step further and
+spreads its statistics over rows of several pixels (``ROW_NUMBERS``).
 
 Backward uses the closed form in the normalised input ``xhat`` and the inverse
 standard deviation ``inv_std``, with group means over the M values:
@@ -22,6 +23,8 @@ saves an activation-sized array per layer, and its allocation.
 
 On the GPU the same sums and products run as a few fused kernels (``fused.py``).
 """
+
+import functools
 
 import numpy as np
 
@@ -37,6 +40,12 @@ from tinyddpm.nn.parallel import map_chunks, scratch
 # (measured down to 2^14 numbers): their extra NumPy calls cost more than L2 hits save.
 CHUNK_NUMBERS = 1 << 20
 MIN_CHUNK_NUMBERS = 1 << 18
+# NumPy applies an (n, 1, C) statistic to (n, L, C) pixels up to 2x slower than it adds two
+# arrays of that shape when C is 64-256, and only about 1.35x slower when a row holds 512
+# numbers (several pixels, the statistic repeated to match). Rows of 1024 or 2048 numbers
+# were as fast in most runs but up to 8x slower in some, depending on where the arrays lay
+# (4 KB aliasing of loads and stores, presumably): rows stay at 512 numbers or fewer.
+ROW_NUMBERS = 512
 
 
 def _map_samples(fn, x3):
@@ -59,25 +68,50 @@ def _channel_dot(a, b):
     return get_array_module(a).einsum("nlc,nlc->nc", a, b)
 
 
+def _pixels_per_row(L, C):
+    """How many of the L pixels of C channels :func:`_normalise` puts in a row: the most, as a
+    divisor of L, that keep a row within ``ROW_NUMBERS`` numbers (at least 1)."""
+    return max(k for k in range(1, max(ROW_NUMBERS // C, 1) + 1) if L % k == 0)
+
+
+@functools.lru_cache
+def _group_matrices(k, C, G, count, dtype):
+    """For rows of k pixels of C channels in G groups: ``to_groups`` (k*C, G), whose product
+    with a row's per-channel sums is each group's sum / ``count``, and ``spread`` (G, k*C),
+    whose product with per-group values repeats each over its channels, k times."""
+    groups = np.tile(np.repeat(np.arange(G), C // G), k)  # the group of each number of a row
+    spread = (np.arange(G)[:, None] == groups).astype(dtype)
+    return np.ascontiguousarray(spread.T / count), spread
+
+
 def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std, negate=False):
     """Group-normalise ``x3`` (n, L, C) into ``out``, its statistics into ``mean``, ``inv_std`` (n, 1, C).
 
     With ``negate`` the output is the normalised values' negation, at no extra cost (for
-    :func:`swish_of_negated_into`).
+    :func:`swish_of_negated_into`). The passes over the pixels see them as (n, L / k, k * C),
+    rows of k pixels (see ``ROW_NUMBERS``), and the statistics as (n, 1, k * C), each
+    repeated k times. Group sums and their spreading over the channels are small matrix
+    products (:func:`_group_matrices`), which cost less than NumPy's reshapes and reductions.
     """
-    xp = get_array_module(x3)
-    _, L, C = x3.shape
-    count = L * (C // G)
-    mean[...] = _group_mean(pixel_sums(x3), G, count)
-    xp.subtract(x3, mean, out=out)
-    xp.sqrt(_group_mean(_channel_dot(out, out), G, count) + eps, out=inv_std)
-    xp.divide(1.0, inv_std, out=inv_std)
+    n, L, C = x3.shape
+    k = _pixels_per_row(L, C)
+    to_groups, spread = _group_matrices(k, C, G, L * (C // G), x3.dtype)
+    x_rows, out_rows = x3.reshape(n, L // k, k * C), out.reshape(n, L // k, k * C)
+    mean_row = (pixel_sums(x_rows) @ to_groups) @ spread  # (n, k * C)
+    mean[:, 0] = mean_row[:, :C]
+    np.subtract(x_rows, mean_row[:, None], out=out_rows)
+    variance = _channel_dot(out_rows, out_rows) @ to_groups  # (n, G), biased
+    variance += eps
+    inv_std_row = np.reciprocal(np.sqrt(variance, out=variance)) @ spread
+    inv_std[:, 0] = inv_std_row[:, :C]
+    scale_row = (inv_std_row.reshape(n, k, C) * (-gamma if negate else gamma)).reshape(n, 1, k * C)
+    out_rows *= scale_row  # xhat * gamma, in one pass
+    beta_row = np.empty((k, C), beta.dtype)
+    beta_row[...] = beta
     if negate:
-        out *= inv_std * -gamma
-        out -= beta
+        out_rows -= beta_row.reshape(k * C)
     else:
-        out *= inv_std * gamma  # xhat * gamma, in one pass
-        out += beta
+        out_rows += beta_row.reshape(k * C)
 
 
 def group_norm_forward(x, gamma, beta, G, eps=1e-5):
