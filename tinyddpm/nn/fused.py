@@ -230,13 +230,16 @@ def group_norm_backward(dout, cache):
 # --- im2col -------------------------------------------------------------------------------------
 
 
+IM2COL_RUNS = (8, 4, 1)  # channels a thread of im2col copies: the first of these that divides C
+
+
 def im2col(x, KH, KW, stride, padding):
     """The patch matrix of ``conv.im2col`` (N*OH*OW, KH*KW*C), built in one kernel from the
     unpadded ``x`` (N, H, W, C): positions in the padding read as zero, so no padded copy of
     ``x`` is made. ``padding`` is ``((top, bottom), (left, right))``.
 
-    Each thread copies a run of V consecutive channels of one patch position (V = 8 or 4 where
-    C allows), so that neighbouring threads read and write neighbouring memory and the integer
+    Each thread copies a run of V consecutive channels of one patch position (``IM2COL_RUNS``),
+    so that neighbouring threads read and write neighbouring memory and the integer
     index arithmetic, which costs more than the copy itself, is done once per run. Where a run
     is a whole number of 16-byte words (V float32s or float64s, at offsets that are multiples of
     V numbers, from CuPy's 256-byte aligned memory), it moves as 16-byte words: one load and one
@@ -249,7 +252,7 @@ def im2col(x, KH, KW, stride, padding):
     OH = (H + top + bottom - KH) // stride + 1
     OW = (W + left + right - KW) // stride + 1
     cols = cupy.empty((N * OH * OW, KH * KW * C), dtype=x.dtype)
-    V = next(v for v in (8, 4, 1) if C % v == 0)
+    V = next(v for v in IM2COL_RUNS if C % v == 0)
     words = V * x.itemsize // 16 if (V * x.itemsize) % 16 == 0 and x.data.ptr % 16 == 0 else 0
     runs = cols.size // V
     if runs >= 2**31:
