@@ -83,6 +83,7 @@ def _phases_forward(x, w, b, out):
             row_phase[:, 1:] += taps[:, :-1, :, 2, :2]
             row_phase[:, 1:, 1:, 0] += taps[:, :-1, :-1, 2, 2]
 
+
 def conv_transpose2d_backward(dout, cache):
     """Gradients ``(dx, dw, db)`` of :func:`conv_transpose2d_forward`."""
     x, w = cache
