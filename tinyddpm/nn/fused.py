@@ -183,12 +183,8 @@ def _group_threads(Cg):
     return 256 if Cg <= 256 else Cg
 
 
-def group_norm_forward(x, gamma, beta, G, eps):
-    """GroupNorm of ``x`` (N, ..., C) in 2 kernels: the groups' statistics, then the output.
-
-    Works on ``x`` viewed as (N, L, G, C/G), the statistics as (N, 1, G, 1). Returns
-    ``(out, cache)``; the cache is this module's own, read by :func:`group_norm_backward`.
-    """
+def _group_statistics(x, G, eps):
+    """``x`` (N, ..., C) viewed as (N, L, G, C/G), and each group's mean and 1 / std, (N, 1, G, 1)."""
     cupy = _cupy()
     N, C = x.shape[0], x.shape[-1]
     x3 = cupy.ascontiguousarray(x).reshape(N, -1, C)
@@ -196,12 +192,49 @@ def group_norm_forward(x, gamma, beta, G, eps):
     mean, inv_std = cupy.empty((N, 1, G, 1), dtype=x.dtype), cupy.empty((N, 1, G, 1), dtype=x.dtype)
     _group_norm_kernel("group_norm_stats", x.dtype)(
         (N * G,), (_group_threads(Cg),), (x3, mean, inv_std, np.int32(L), np.int32(C), np.int32(Cg), np.float64(eps)))
-    x4 = x3.reshape(N, L, G, Cg)
-    xhat, out = cupy.empty_like(x4), cupy.empty_like(x4)
+    return x3.reshape(N, L, G, Cg), mean, inv_std
+
+
+def group_norm_forward(x, gamma, beta, G, eps):
+    """GroupNorm of ``x`` (N, ..., C) in 2 kernels: the groups' statistics, then the output.
+
+    Works on ``x`` viewed as (N, L, G, C/G), the statistics as (N, 1, G, 1). Returns
+    ``(out, cache)``; the cache is this module's own, read by :func:`group_norm_backward`.
+    """
+    x4, mean, inv_std = _group_statistics(x, G, eps)
+    Cg = x4.shape[-1]
+    xhat, out = _cupy().empty_like(x4), _cupy().empty_like(x4)
     _kernel("T x, T mean, T inv_std, T gamma, T beta", "T xhat, T out",
             "xhat = (x - mean) * inv_std; out = xhat * gamma + beta;", name="group_norm_out")(
         x4, mean, inv_std, gamma.reshape(G, Cg), beta.reshape(G, Cg), xhat, out)
     return out.reshape(x.shape), (xhat, inv_std, gamma, G)
+
+
+# Without grad nothing is kept for backward, so the output kernel writes only what the next
+# layers read: the normalised values, their Swish, or both (one to three arrays fewer than
+# GroupNorm's xhat and output followed by Swish's sigmoid and output). The arithmetic is that
+# of group_norm_forward and swish_forward, statement for statement.
+_NORMALISED = "T xhat = (x - mean) * inv_std; T n = xhat * gamma + beta;"
+_SWISH_OF_N = "T s = tanh(n * (T)0.5) * (T)0.5 + (T)0.5;"
+
+
+def group_norm_inference(x, gamma, beta, G, eps, swish=False, keep_normalised=False):
+    """For a forward without grad: ``group_norm(x)`` (N, ..., C), or with ``swish`` its Swish,
+    or with ``keep_normalised`` too ``(swish, normalised)``; the statistics and one kernel."""
+    x4, mean, inv_std = _group_statistics(x, G, eps)
+    Cg = x4.shape[-1]
+    args = (x4, mean, inv_std, gamma.reshape(G, Cg), beta.reshape(G, Cg))
+    params = "T x, T mean, T inv_std, T gamma, T beta"
+    if not swish:
+        out = _kernel(params, "T out", _NORMALISED + "out = n;", name="group_norm_inference")(*args)
+        return out.reshape(x.shape)
+    if not keep_normalised:
+        out = _kernel(params, "T out", _NORMALISED + _SWISH_OF_N + "out = n * s;",
+                      name="group_norm_swish_inference")(*args)
+        return out.reshape(x.shape)
+    normalised, out = _kernel(params, "T normalised, T out", _NORMALISED + _SWISH_OF_N + "normalised = n; out = n * s;",
+                              name="group_norm_swish_kept_inference")(*args)
+    return out.reshape(x.shape), normalised.reshape(x.shape)
 
 
 def group_norm_backward(dout, cache):

@@ -21,7 +21,8 @@ than ``xhat``, and backward recomputes ``xhat`` chunk by chunk, in cache: the
 input is usually kept anyway (a residual or skip connection holds it), so this
 saves an activation-sized array per layer, and its allocation.
 
-On the GPU the same sums and products run as a few fused kernels (``fused.py``).
+On the GPU the same sums and products run as a few fused kernels (``fused.py``); without
+grad, one kernel after the statistics writes only the output that the next layers read.
 """
 
 import functools
@@ -32,7 +33,7 @@ from tinyddpm.backend import get_array_module
 from tinyddpm.nn import fused, memory
 from tinyddpm.nn.activation import sigmoid, swish_backward, swish_into, swish_of_negated_into
 from tinyddpm.nn.conv import pixel_sums
-from tinyddpm.nn.module import Module, Parameter
+from tinyddpm.nn.module import Module, Parameter, grad_enabled
 from tinyddpm.nn.parallel import map_chunks, scratch
 
 # A chunk of the batch holds 2^18 to 2^20 numbers (1-4 MB in float32), in cache (L3) across
@@ -122,6 +123,8 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     """
     xp = get_array_module(x)
     if xp is not np:
+        if not grad_enabled():
+            return fused.group_norm_inference(x, gamma, beta, G, eps), None
         return fused.group_norm_forward(x, gamma, beta, G, eps)
     N, C = x.shape[0], x.shape[-1]
     x3 = x.reshape(N, -1, C)
@@ -146,6 +149,10 @@ def group_norm_swish_forward(x, gamma, beta, G, eps=1e-5, keep_normalised=False)
     """
     xp = get_array_module(x)
     if xp is not np:
+        if not grad_enabled():
+            if keep_normalised:
+                return (*fused.group_norm_inference(x, gamma, beta, G, eps, swish=True, keep_normalised=True), None)
+            return fused.group_norm_inference(x, gamma, beta, G, eps, swish=True), None, None
         normalised, cache = fused.group_norm_forward(x, gamma, beta, G, eps)
         s, out = fused.swish_forward(normalised)
         return out, normalised if keep_normalised else None, (cache, s, out)
