@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from tinyddpm.backend import get_array_module
-from tinyddpm.nn import memory
+from tinyddpm.nn import fused, memory
 from tinyddpm.nn.linear import Linear, linear_backward, linear_forward
 from tinyddpm.nn.matmul import matmul
 from tinyddpm.nn.module import Module, grad_enabled, prepared_weight
@@ -29,8 +29,11 @@ SCORES_PER_CHUNK = 1 << 18  # a chunk's scores (or their gradients), 1 MB in flo
 
 
 def softmax(scores):
-    """Softmax over the last axis, in place on ``scores`` (which it returns)."""
+    """Softmax over the last axis, in place on ``scores`` (which it returns); on CuPy, of
+    contiguous ``scores``, one fused kernel (``fused.softmax_rows``)."""
     xp = get_array_module(scores)
+    if xp is not np:
+        return fused.softmax_rows(scores)
     scores -= scores.max(axis=-1, keepdims=True)
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)

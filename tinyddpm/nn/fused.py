@@ -89,6 +89,45 @@ def sum_rows(a):
     return matmul(ones, a).reshape(a.shape[1])
 
 
+# --- softmax ----------------------------------------------------------------------------------
+
+# One warp per row: the row's max, then exp(score - max) written back and summed, then each
+# divided by the sum, the sums across the warp by shuffles. A row (the keys of one query, a
+# few hundred numbers) stays in L1 between the three loops, so memory sees one read and one
+# write, where the five kernels of the array-by-array softmax read and write it several times.
+_SOFTMAX_SOURCE = r"""
+extern "C" __global__ void softmax_rows(T* scores, long long rows, int L) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;  // whole warps: a warp is one row
+    int lane = threadIdx.x % 32;
+    T* r = scores + row * L;
+    T m = r[0];
+    for (int j = lane; j < L; j += 32) m = max(m, r[j]);
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    T sum = 0;
+    for (int j = lane; j < L; j += 32) {
+        T e = exp(r[j] - m);
+        r[j] = e;
+        sum += e;
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    for (int j = lane; j < L; j += 32) r[j] = r[j] / sum;
+}
+"""
+ROWS_PER_BLOCK = 8  # warps of a 256-thread block
+
+
+def softmax_rows(scores):
+    """Softmax over the last axis of the contiguous ``scores``, in place (returned)."""
+    if not scores.flags.c_contiguous:
+        raise ValueError("softmax_rows works in place on a contiguous array")
+    L = scores.shape[-1]
+    rows = scores.size // L
+    _raw_kernel(_SOFTMAX_SOURCE, "softmax_rows", scores.dtype)(
+        (-(-rows // ROWS_PER_BLOCK),), (32 * ROWS_PER_BLOCK,), (scores, np.int64(rows), np.int32(L)))
+    return scores
+
+
 # --- GroupNorm ------------------------------------------------------------------------------------
 
 # One thread block per (sample, group): the group's L * Cg values sit at x[n, l, g * Cg + j] of
@@ -171,9 +210,14 @@ extern "C" __global__ void group_norm_backward_sums(
 
 
 @functools.cache
-def _group_norm_kernel(name, dtype):
+def _raw_kernel(source, name, dtype):
+    """A CuPy ``RawKernel`` of ``source`` with ``T`` the C type of ``dtype``, built once."""
     ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
-    return _cupy().RawKernel(f"typedef {ctype} T;\n" + _GROUP_NORM_SOURCE, name)
+    return _cupy().RawKernel(f"typedef {ctype} T;\n" + source, name)
+
+
+def _group_norm_kernel(name, dtype):
+    return _raw_kernel(_GROUP_NORM_SOURCE, name, dtype)
 
 
 def _group_threads(Cg):
