@@ -91,3 +91,15 @@ def test_ema_arithmetic():
     np.testing.assert_array_equal(restored.averages["w"], ema.averages["w"])
     with pytest.raises(ValueError):
         EMA({"w": p}, decay=1.0)
+
+
+def test_a_graph_recording_that_fails_warns_and_gives_none():
+    from tinyddpm.cuda_graph import recorded_or_warn
+
+    def failing():
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+
+    with pytest.warns(RuntimeWarning, match=r"^sampling without a CUDA graph: recording the forward pass failed "
+                                            r"\(RuntimeError: operation not permitted when stream is capturing$"):
+        assert recorded_or_warn(failing, "sampling", "the forward pass") is None
+    assert recorded_or_warn(lambda: "graph", "training", "the update") == "graph"

@@ -26,6 +26,7 @@ stream, after the copies of its inputs.
 
 import contextlib
 import os
+import warnings
 
 import numpy as np
 
@@ -80,6 +81,17 @@ class CapturedCall:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.free_all_blocks()
+
+
+def recorded_or_warn(record, doing, what):
+    """``record()`` (a :class:`CapturedCall`), or None and one ``RuntimeWarning`` if the
+    recording fails, so that the caller goes on ``doing`` by launching every kernel from Python."""
+    try:
+        return record()
+    except Exception as error:
+        warnings.warn(f"{doing} without a CUDA graph: recording {what} failed "
+                      f"({type(error).__name__}: {error})".splitlines()[0], RuntimeWarning, stacklevel=3)
+        return None
 
 
 class CapturedForward(CapturedCall):

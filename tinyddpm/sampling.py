@@ -5,18 +5,15 @@ per step that adds noise, in step order), so a seed gives the same images on
 the CPU and the GPU, and two samplers fed the same generator see the same noise.
 """
 
-import warnings
-
 import numpy as np
 from tqdm import tqdm
 
 from tinyddpm.backend import get_array_module, to_device, to_host
-from tinyddpm.cuda_graph import CUDA_GRAPHS, CapturedForward
+from tinyddpm.cuda_graph import CUDA_GRAPHS, CapturedForward, recorded_or_warn
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
 from tinyddpm.nn import array_cache, frozen_weights, no_grad
 from tinyddpm.nn.module import prepared_weight, weights_frozen
 from tinyddpm.nn.parallel import map_batch
-
 
 
 def forward_without_grad(model, x, steps, labels=None):
@@ -32,7 +29,8 @@ def forward_without_grad(model, x, steps, labels=None):
     if xp is not np and CUDA_GRAPHS and weights_frozen():
         key = ("forward graph", x.shape, x.dtype.str, labels is None)
         with no_grad():
-            graph = prepared_weight(model, key, lambda _: capture_or_warn(model, x, steps, labels))
+            graph = prepared_weight(model, key, lambda _: recorded_or_warn(
+                lambda: CapturedForward(model, x, steps, labels), "sampling", "the forward pass"))
             if graph is not None:
                 return graph(x, steps, labels)
 
@@ -42,17 +40,6 @@ def forward_without_grad(model, x, steps, labels=None):
     with no_grad():
         parts = map_batch(on_slice, len(x), xp)
     return parts[0] if len(parts) == 1 else xp.concatenate(parts)
-
-
-def capture_or_warn(model, x, steps, labels):
-    """A :class:`CapturedForward`, or None (and a warning) if the pass cannot be captured,
-    so that sampling goes on launching every kernel from Python."""
-    try:
-        return CapturedForward(model, x, steps, labels)
-    except Exception as error:
-        warnings.warn(f"sampling without a CUDA graph: capturing the forward pass failed "
-                      f"({type(error).__name__}: {error})".splitlines()[0], RuntimeWarning, stacklevel=2)
-        return None
 
 
 def predict_noise(model, x, t, labels=None, guidance=1.0):

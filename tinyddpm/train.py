@@ -16,7 +16,6 @@ import csv
 import os
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -101,7 +100,9 @@ class TrainStep:
         self.optimizer.advance()
         if self.graph is None:
             loss = self._update(*inputs)  # compiles the kernels the recording needs
-            self.graph = self._recorded_or_warn(inputs)
+            self.graph = cuda_graph.recorded_or_warn(lambda: cuda_graph.CapturedCall(self._update, *inputs),
+                                                     "training", "the update")
+            self.record = self.graph is not None
             # The eager step's arrays are free now, kept by CuPy's pool; the graph has its own.
             xp.get_default_memory_pool().free_all_blocks()
             return loss
@@ -117,15 +118,6 @@ class TrainStep:
     def _fits(self, inputs):
         return all((a is None) == (b is None) and (a is None or a.shape == b.shape)
                    for a, b in zip(self.graph.inputs, inputs))
-
-    def _recorded_or_warn(self, inputs):
-        try:
-            return cuda_graph.CapturedCall(self._update, *inputs)
-        except Exception as error:
-            self.record = False
-            warnings.warn(f"training without a CUDA graph: recording the update failed "
-                          f"({type(error).__name__}: {error})".splitlines()[0], RuntimeWarning, stacklevel=3)
-            return None
 
 
 def data_parallel_step(group, model, optimizer, loss_fn, schedule, x0, t, noise, labels, stop):

@@ -58,10 +58,9 @@ def _map_samples(fn, x3):
 
 def _group_mean(channel_sums, G, count):
     """Per-channel sums (N, C) -> each group's sum / ``count``, repeated over its channels: (N, 1, C)."""
-    xp = get_array_module(channel_sums)
     N, C = channel_sums.shape
-    means = channel_sums.reshape(N, G, C // G).sum(axis=2, keepdims=True) / count
-    return xp.broadcast_to(means, (N, G, C // G)).reshape(N, 1, C)
+    to_groups, spread = _group_matrices(1, C, G, count, channel_sums.dtype)
+    return ((channel_sums @ to_groups) @ spread).reshape(N, 1, C)
 
 
 def _channel_dot(a, b):
