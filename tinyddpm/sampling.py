@@ -11,6 +11,7 @@ from tqdm import tqdm
 from tinyddpm.backend import get_array_module, to_device, to_host
 from tinyddpm.cuda_graph import CUDA_GRAPHS, CapturedForward, recorded_or_warn
 from tinyddpm.diffusion import ancestral_step, ddim_sigma, ddim_step, ddim_timesteps
+from tinyddpm.forward_workers import ForwardPool
 from tinyddpm.nn import array_cache, frozen_weights, no_grad
 from tinyddpm.nn.module import prepared_weight, weights_frozen
 from tinyddpm.nn.parallel import map_batch
@@ -21,7 +22,9 @@ def forward_without_grad(model, x, steps, labels=None):
 
     On the CPU each thread runs the whole network on its own slice of the batch
     (``parallel.map_batch``): the images of a forward pass without grad never meet, so the
-    threads need not wait for each other after every layer. On the GPU, inside
+    threads need not wait for each other after every layer. Inside ``frozen_weights()``, once
+    such a pass is slow enough, the slices move to worker processes (``forward_workers.py``),
+    which do not share one GIL. On the GPU, inside
     ``frozen_weights()``, the pass is recorded as a CUDA graph the first time it meets a
     batch shape and replayed after that (``cuda_graph.py``).
     """
@@ -38,7 +41,10 @@ def forward_without_grad(model, x, steps, labels=None):
         return model(x[start:stop], steps[start:stop], None if labels is None else labels[start:stop])
 
     with no_grad():
-        parts = map_batch(on_slice, len(x), xp)
+        if xp is np and weights_frozen():  # a sampling run: its passes may move to worker processes
+            parts = prepared_weight(model, "forward pool", ForwardPool)(on_slice, len(x), x, steps, labels)
+        else:
+            parts = map_batch(on_slice, len(x), xp)
     return parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
 

@@ -86,6 +86,11 @@ class Parameter:
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
+    def __reduce__(self):
+        # A pickled Parameter (a forward worker's copy of a network) carries its value; its
+        # gradient starts again at zero.
+        return Parameter, (self.data,)
+
 
 class Module:
     """Base class: subclasses define ``forward`` and ``backward``."""

@@ -241,17 +241,23 @@ def map_batch(fn, n, xp):
     """
     if xp is not np or THREADS == 1 or n < 2 or _in_batch_slice():
         return [fn(0, n)]
-    bounds = _runs(n, -(-n // THREADS))
-
-    def slice_of_batch(start, stop):
-        _thread_state.in_batch_slice = True
-        try:
-            return fn(start, stop)
-        finally:
-            _thread_state.in_batch_slice = False
-
     with one_blas_thread():
-        return _run_on_pool(slice_of_batch, bounds)
+        return _run_on_pool(lambda start, stop: run_as_slice(fn, start, stop), batch_slices(n, THREADS))
+
+
+def batch_slices(n, parts):
+    """``range(n)`` cut into ``parts`` slices of equal size (the last may be smaller), fewer if n < parts."""
+    return _runs(n, -(-n // parts))
+
+
+def run_as_slice(fn, start, stop):
+    """``fn(start, stop)`` as one slice of a :func:`map_batch`: its :func:`map_chunks` calls run their
+    chunks one after another on this thread."""
+    _thread_state.in_batch_slice = True
+    try:
+        return fn(start, stop)
+    finally:
+        _thread_state.in_batch_slice = False
 
 
 def scratch(name, shape, dtype):
