@@ -12,18 +12,19 @@ Rows (the example network, float32):
 - ``sample step``: one step of the ancestral sampler at batch 16 (the example's preview) and at
   batch B: a forward pass that keeps nothing for backward (``no_grad`` / ``torch.no_grad``)
   and the update to x_{t-1}; tinyddpm's forward is ``sampling.predict_noise``, as its sampler
-  makes it (on the CPU each thread runs the network on its own slice of the batch; on the GPU
-  it replays a CUDA graph). tinyddpm's steps run inside one ``frozen_weights()`` block, as
-  ``sample()`` runs all of its steps, so each conv's filter transform (and on the GPU the
-  graph) is made once, in the warm-up call, and the timed calls measure a sampler's steady
-  state.
+  makes it (on the CPU the caller and a worker process each run the network on a slice of the
+  batch; on the GPU it replays a CUDA graph). tinyddpm's steps run inside one
+  ``frozen_weights()`` block, as ``sample()`` runs all of its steps, so each conv's filter
+  transform (and on the GPU the graph) is made once, in the warm-up calls, and the timed calls
+  measure a sampler's steady state.
 - ``peak memory``: the extra peak memory of a training step (see below).
 
 tinyddpm runs everything inside one ``array_cache()`` block (``nn/memory.py``), as ``train()``
 and ``sample()`` run all of their steps: large arrays reuse the memory of dead ones.
 
 Timing. Both implementations are built once, with the same weights and the same inputs. Each
-row first runs one warm-up call of each, then alternates tinyddpm, torch, tinyddpm, torch, ...
+row first runs two warm-up calls of each (a sampling run starts its worker processes on its
+second pass: ``forward_workers.py``), then alternates tinyddpm, torch, tinyddpm, torch, ...
 for ``--repeats`` rounds, and for more while the row has taken less than ``--min-row-seconds``
 (so the cheap batch-16 sampling row gets some twenty rounds where a training row gets three),
 so that whatever else the machine is doing (other tenants, clock changes) falls on both alike.
@@ -392,10 +393,11 @@ def timed(bench, fn):
 
 
 def time_row(benches, make_fn, repeats, label, min_seconds=0.0):
-    """One warm-up call each, then rounds alternating the implementations: at least
+    """Two warm-up calls each, then rounds alternating the implementations: at least
     ``repeats``, and more (up to ``MAX_ROUNDS``) until the timed calls add up to ``min_seconds``."""
     for bench in benches:
-        timed(bench, make_fn(bench))
+        for _ in range(2):
+            timed(bench, make_fn(bench))
     times = {bench.name: [] for bench in benches}
     rounds = 0
     while rounds < repeats or (sum(map(sum, times.values())) < min_seconds and rounds < MAX_ROUNDS):
