@@ -106,6 +106,19 @@ def test_workers_that_cannot_start_leave_the_passes_on_threads(monkeypatch, mode
             forward_without_grad(model, x, t)
 
 
+def test_a_network_that_cannot_be_sent_stays_on_threads(monkeypatch):
+    model = UNet(preset("tiny"), np.random.default_rng(0)).astype(np.float64)
+    model.note = lambda: None  # pickle refuses a local function
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setattr(forward_workers, "MIN_PASS_SECONDS", 0.0)
+    x, t = batch(2)
+    with frozen_weights():
+        forward_without_grad(model, x, t)
+        with pytest.warns(RuntimeWarning, match="sampling on threads, without worker processes: .*pickle"):
+            forward_without_grad(model, x, t)
+        assert prepared_weight(model, "forward pool", ForwardPool).workers is None
+
+
 def test_a_pickled_parameter_keeps_its_value_and_starts_with_no_gradient():
     param = Parameter(np.arange(6.0).reshape(2, 3))
     param.grad += 5

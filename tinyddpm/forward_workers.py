@@ -54,11 +54,11 @@ class SliceWorkers:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, **WORKER_ENV,
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self.processes = [
-            subprocess.Popen([sys.executable, "-m", "tinyddpm.forward_workers"], env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            for _ in range(count)]
+        self.processes = []
         try:
+            for _ in range(count):
+                self.processes.append(subprocess.Popen([sys.executable, "-m", "tinyddpm.forward_workers"], env=env,
+                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             for process in self.processes:
                 self._send(process, model)
             for process in self.processes:
@@ -88,13 +88,13 @@ class SliceWorkers:
         try:
             pickle.dump(value, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             process.stdin.flush()
-        except (BrokenPipeError, OSError):
+        except OSError:  # a broken pipe: the worker is gone
             raise WorkerError(f"forward worker {process.pid} exited with code {process.wait()}") from None
 
     def _receive(self, process):
         try:
             status, value = pickle.load(process.stdout)
-        except EOFError:
+        except (EOFError, pickle.UnpicklingError):  # the worker is gone, its reply cut short or missing
             raise WorkerError(f"forward worker {process.pid} exited with code {process.wait()}") from None
         if status == "error":
             raise WorkerError(f"forward worker {process.pid} failed: {value}")
@@ -143,7 +143,7 @@ class ForwardPool:
             self.tried = True
             try:
                 self.workers = SliceWorkers(self.model, parallel.THREADS - 1)
-            except (OSError, WorkerError) as error:
+            except Exception as error:  # whatever it is, the threads can still do the work
                 warnings.warn(f"sampling on threads, without worker processes: {error}", RuntimeWarning,
                               stacklevel=3)
         if self.workers is not None and n >= 2:
