@@ -162,7 +162,10 @@ def serve(requests, replies):
         pickle.dump((status, value), replies, protocol=pickle.HIGHEST_PROTOCOL)
         replies.flush()
 
-    model = pickle.load(requests)
+    try:
+        model = pickle.load(requests)
+    except (EOFError, pickle.UnpicklingError):  # the parent could not send it, and has warned
+        return
     with no_grad(), frozen_weights(), array_cache():
         reply("ok", "ready")
         while True:
