@@ -25,6 +25,7 @@ the minimum pass time: short passes (small networks, tests) stay on threads.
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -180,6 +181,8 @@ def serve(requests, replies):
 
 
 if __name__ == "__main__":
+    # Ctrl-C is the parent's to handle: it stops sampling, and the worker's input then closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The replies go to the original standard output; anything printed goes to standard error.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr
