@@ -1,6 +1,7 @@
 """Worker processes run a sampler's passes with the threads' results, fail with a clear error,
 and end with their ``frozen_weights()`` block."""
 
+import io
 import pickle
 import warnings
 
@@ -82,6 +83,19 @@ def test_a_dead_worker_is_reported(model):
         x, t = batch(2)
         with pytest.raises(WorkerError, match=r"forward worker \d+ exited with code -9"):
             workers(own_slice, 2, x, t, None)
+    finally:
+        workers.close()
+
+
+def test_a_garbled_reply_stops_the_worker(model):
+    workers = SliceWorkers(model, 1)
+    try:
+        worker = workers.processes[0]
+        worker.stdout = io.BytesIO(b"not a pickle")  # what the parent reads in place of the reply
+        x, t = batch(2)
+        with pytest.raises(WorkerError, match=r"forward worker \d+ sent a reply that could not be read .*code -9"):
+            workers(own_slice, 2, x, t, None)
+        assert worker.poll() == -9
     finally:
         workers.close()
 

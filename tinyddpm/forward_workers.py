@@ -95,8 +95,12 @@ class SliceWorkers:
     def _receive(self, process):
         try:
             status, value = pickle.load(process.stdout)
-        except (EOFError, pickle.UnpicklingError):  # the worker is gone, its reply cut short or missing
+        except EOFError:
             raise WorkerError(f"forward worker {process.pid} exited with code {process.wait()}") from None
+        except pickle.UnpicklingError as error:  # a reply cut short by its end, or garbled
+            process.kill()
+            raise WorkerError(f"forward worker {process.pid} sent a reply that could not be read ({error}); "
+                              f"stopped it, code {process.wait()}") from None
         if status == "error":
             raise WorkerError(f"forward worker {process.pid} failed: {value}")
         return value
@@ -183,7 +187,9 @@ def serve(requests, replies):
 if __name__ == "__main__":
     # Ctrl-C is the parent's to handle: it stops sampling, and the worker's input then closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The replies go to the original standard output; anything printed goes to standard error.
+    # The replies go to the original standard output. Anything else written there, by Python
+    # or by a library's C code, goes to standard error, where it cannot garble a reply.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     serve(sys.stdin.buffer, replies)

@@ -106,12 +106,11 @@ def _normalise(x3, gamma, beta, G, eps, out, mean, inv_std, negate=False):
     inv_std[:, 0] = inv_std_row[:, :C]
     scale_row = (inv_std_row.reshape(n, k, C) * (-gamma if negate else gamma)).reshape(n, 1, k * C)
     out_rows *= scale_row  # xhat * gamma, in one pass
-    beta_row = np.empty((k, C), beta.dtype)
-    beta_row[...] = beta
+    beta_row = np.tile(beta, k)
     if negate:
-        out_rows -= beta_row.reshape(k * C)
+        out_rows -= beta_row
     else:
-        out_rows += beta_row.reshape(k * C)
+        out_rows += beta_row
 
 
 def group_norm_forward(x, gamma, beta, G, eps=1e-5):
