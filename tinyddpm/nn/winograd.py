@@ -154,17 +154,17 @@ def correlate_3x3(x, w, out=None, accumulate=False, bias=None):
     def chunk(start, stop):
         tiles = (H // 2, stop - start, W // 2)  # in the order (p, n, q)
         columns = scratch("winograd column transform", (4, 2, H // 2 + 1, stop - start, W // 2, C), dtype)
-        input_transform(padded_input_columns(x[start:stop], dtype), columns)  # d B, for every grid column l
+        input_transform(padded_input_columns(x[start:stop], dtype), columns)  # d B, for every grid column
         v = scratch("winograd V", (4, *tiles, C), dtype)
         m = scratch("winograd M", (4, np.prod(tiles), OC), dtype)
         t = scratch("winograd A^T M", (2, 4, *tiles, OC), dtype)
-        for l in range(4):
-            input_transform(tile_rows(columns[l]), v)  # V[0..3, l]
-            np.matmul(v.reshape(4, -1, C), u[:, l], out=m)  # M[0..3, l]
-            if l == 1 and bias is not None:
+        for grid_col in range(4):
+            input_transform(tile_rows(columns[grid_col]), v)  # V[0..3, grid_col]
+            np.matmul(v.reshape(4, -1, C), u[:, grid_col], out=m)  # M[0..3, grid_col]
+            if grid_col == 1 and bias is not None:
                 m11 = m[1].reshape(*tiles[:2], -1, OC)
                 m11 += bias if bias.ndim == 1 else bias[start:stop, None, :]
-            output_transform(m.reshape(4, *tiles, OC), t[0, l], t[1, l])  # A^T M[:, l]
+            output_transform(m.reshape(4, *tiles, OC), t[0, grid_col], t[1, grid_col])  # A^T M[:, grid_col]
 
         # (A^T M) A: the columns of the grid, written into the output's 2x2 tile positions.
         tile_out = out[start:stop].transpose(1, 0, 2, 3)  # (H, n, W, OC), to match the tiles' order
@@ -189,8 +189,8 @@ def correlate_3x3_weight_grad(x, dout):
         tiles = (H // 2, stop - start, W // 2)  # in the order (p, n, q)
         columns = scratch("winograd column transform", (4, 2, H // 2 + 1, stop - start, W // 2, C), dtype)
         input_transform(padded_input_columns(x[start:stop], dtype), columns)
-        # dy A^T, the column half of A dy A^T: the output gradient's row 2p + a, columns 2q + j of
-        # tile (p, q) are [a, p, :, q] of its column j.
+        # dy A^T, the column half of A dy A^T, of each tile's rows 2p + a:
+        # grad_columns[l, a, p, :, q] = sum over j of A[l, j] dy[:, 2p + a, 2q + j].
         grad_columns = scratch("winograd gradient columns", (4, 2, *tiles, OC), dtype)
         grad_rows = dout[start:stop].transpose(1, 0, 2, 3)  # (H, n, W, OC)
         for a in range(2):
@@ -198,10 +198,10 @@ def correlate_3x3_weight_grad(x, dout):
         v = scratch("winograd V", (4, *tiles, C), dtype)
         dy = scratch("winograd DY", (4, *tiles, OC), dtype)
         du = np.empty((4, 4, C, OC), dtype=dtype)
-        for l in range(4):
-            input_transform(tile_rows(columns[l]), v)  # V[0..3, l]
-            gradient_transform(grad_columns[l], dy)  # DY[0..3, l]
-            np.matmul(v.reshape(4, -1, C).transpose(0, 2, 1), dy.reshape(4, -1, OC), out=du[:, l])
+        for grid_col in range(4):
+            input_transform(tile_rows(columns[grid_col]), v)  # V[0..3, grid_col]
+            gradient_transform(grad_columns[grid_col], dy)  # DY[0..3, grid_col]
+            np.matmul(v.reshape(4, -1, C).transpose(0, 2, 1), dy.reshape(4, -1, OC), out=du[:, grid_col])
         return du
 
     du = sum(map_chunks(chunk, N, np, rows_per_item=H * W, chunk_rows=CHUNK_PIXELS))
