@@ -33,10 +33,10 @@ the thread's scratch arrays (``parallel.scratch``), which the next chunk reuses.
 Every transform is separable, and the input's is applied to the tile columns
 first, then to the tile rows, one grid column l at a time, so that only one
 column of V and of M exists at once. The layout is chosen so that every array a
-transform reads or writes is one contiguous block: NumPy runs a ufunc over
-arrays that are not into small buffers, copied in and out: the input transform
-of a chunk of 32x32 or 16x16 images took 3.4-5.2 ns per input number on
-strided views, and takes 2.0-2.5 ns on blocks, which cost one extra copy of
+transform reads or writes is one contiguous block. NumPy runs a ufunc whose
+operands are not contiguous through small buffers, copied in and out: the input
+transform of a chunk of 32x32 or 16x16 images took 3.4-5.2 ns per input number
+on strided views, and takes 2.0-2.5 ns on blocks, which cost one extra copy of
 the input (:func:`padded_input_columns`). The products of each grid column go
 straight into ``A^T M``, and ``(A^T M) A`` is written into the output's 2x2
 tile positions as four stride-2 views; the weight gradient returns one partial
