@@ -129,6 +129,15 @@ def padded_input_columns(x, dtype):
     return cols
 
 
+def transformed_columns(x, dtype):
+    """``d B``, the column half of the input transform, of every tile of ``x`` (n, H, W, C) padded
+    by 1: (4, 2, H/2 + 1, n, W/2, C), grid column l first, laid out as :func:`padded_input_columns`."""
+    cols = padded_input_columns(x, dtype)
+    columns = scratch("winograd column transform", cols.shape, dtype)
+    input_transform(cols, columns)
+    return columns
+
+
 def tile_rows(columns_l):
     """The four input rows of every tile, from one column ``columns_l`` (2, H/2 + 1, n, W/2, C)."""
     P = columns_l.shape[1] - 1
@@ -153,8 +162,7 @@ def correlate_3x3(x, w, out=None, accumulate=False, bias=None):
 
     def chunk(start, stop):
         tiles = (H // 2, stop - start, W // 2)  # in the order (p, n, q)
-        columns = scratch("winograd column transform", (4, 2, H // 2 + 1, stop - start, W // 2, C), dtype)
-        input_transform(padded_input_columns(x[start:stop], dtype), columns)  # d B, for every grid column
+        columns = transformed_columns(x[start:stop], dtype)
         v = scratch("winograd V", (4, *tiles, C), dtype)
         m = scratch("winograd M", (4, np.prod(tiles), OC), dtype)
         t = scratch("winograd A^T M", (2, 4, *tiles, OC), dtype)
@@ -187,8 +195,7 @@ def correlate_3x3_weight_grad(x, dout):
 
     def chunk(start, stop):
         tiles = (H // 2, stop - start, W // 2)  # in the order (p, n, q)
-        columns = scratch("winograd column transform", (4, 2, H // 2 + 1, stop - start, W // 2, C), dtype)
-        input_transform(padded_input_columns(x[start:stop], dtype), columns)
+        columns = transformed_columns(x[start:stop], dtype)
         # dy A^T, the column half of A dy A^T, of each tile's rows 2p + a:
         # grad_columns[l, a, p, :, q] = sum over j of A[l, j] dy[:, 2p + a, 2q + j].
         grad_columns = scratch("winograd gradient columns", (4, 2, *tiles, OC), dtype)
