@@ -29,8 +29,9 @@ for ``--repeats`` rounds, and for more while the row has taken less than ``--min
 (so the cheap batch-16 sampling row gets some twenty rounds where a training row gets three),
 so that whatever else the machine is doing (other tenants, clock changes) falls on both alike.
 Every row reports the median and the min..max of its rounds; its ratio is the ratio of the two
-medians, and ``paired`` is the median of the rounds' own ratios, which a machine whose speed
-drifts during the row moves less. Both run on
+medians, ``paired`` is the median of the rounds' own ratios, which a machine whose speed
+drifts during the row moves less, and ``of mins`` the ratio of the two fastest rounds, the
+nearest the row comes to a quiet machine (the two libraries need not lose alike to a busy one). Both run on
 the same number of threads: ``torch.set_num_threads(n)`` and threadpoolctl's limit on every
 BLAS/OpenMP pool loaded in the process (default n = ``os.cpu_count()`` on the CPU, 1 on the
 GPU). On the GPU both libraries drive the device from one host thread, and more threads only
@@ -427,14 +428,15 @@ def format_bytes(b):
 
 
 def print_table(result):
-    header = ("row", "rounds", "tinyddpm median (min-max)", "torch median (min-max)", "tinyddpm/torch", "paired")
+    header = ("row", "rounds", "tinyddpm median (min-max)", "torch median (min-max)", "tinyddpm/torch", "paired",
+              "of mins")
     lines = []
     for label, row in result["rows"].items():
         cells = [label, str(len(row["tinyddpm"]["times_s"]))]
         for impl in IMPLEMENTATIONS:
             s = row[impl]
             cells.append(f"{format_seconds(s['median'])} ({format_seconds(s['min'])}-{format_seconds(s['max'])})")
-        cells += [f"{row['ratio']:.2f}", f"{row['paired_ratio']:.2f}"]
+        cells += [f"{row['ratio']:.2f}", f"{row['paired_ratio']:.2f}", f"{row['ratio_of_mins']:.2f}"]
         lines.append(cells)
     memory = result.get("memory")
     if memory:
@@ -442,7 +444,7 @@ def print_table(result):
         what = "device" if key.startswith("device") else "extra RSS"
         lines.append([f"peak memory, train step ({what})", "1",
                       format_bytes(memory["tinyddpm"][key]), format_bytes(memory["torch"][key]),
-                      f"{memory['ratio']:.2f}", ""])
+                      f"{memory['ratio']:.2f}", "", ""])
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for cells in [header, ["-" * w for w in widths], *lines]:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
@@ -480,6 +482,7 @@ def run(args):
         row = {impl: {"times_s": times[impl], **summary(times[impl])} for impl in IMPLEMENTATIONS}
         row["ratio"] = row["tinyddpm"]["median"] / row["torch"]["median"]
         row["paired_ratio"] = statistics.median(a / b for a, b in zip(times["tinyddpm"], times["torch"]))
+        row["ratio_of_mins"] = row["tinyddpm"]["min"] / row["torch"]["min"]
         result["rows"][label] = row
     del tiny, torch_bench, benches
 

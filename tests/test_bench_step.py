@@ -21,7 +21,9 @@ def test_bench_step_of_a_small_batch(tmp_path, capsys):
         assert row["ratio"] == pytest.approx(row["tinyddpm"]["median"] / row["torch"]["median"])
         pairs = [a / b for a, b in zip(row["tinyddpm"]["times_s"], row["torch"]["times_s"])]
         assert row["paired_ratio"] == pytest.approx(sum(pairs) / 2)  # the median of two
-    assert "paired" in capsys.readouterr().out
+        assert row["ratio_of_mins"] == pytest.approx(min(row["tinyddpm"]["times_s"]) / min(row["torch"]["times_s"]))
+    table = capsys.readouterr().out
+    assert "paired" in table and "of mins" in table
 
 
 def test_short_rows_get_more_rounds():
