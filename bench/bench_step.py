@@ -31,8 +31,8 @@ so that whatever else the machine is doing (other tenants, clock changes) falls 
 Every row reports the median and the min..max of its rounds; its ratio is the ratio of the two
 medians, ``paired`` is the median of the rounds' own ratios, which a machine whose speed
 drifts during the row moves less, and ``of mins`` the ratio of the two fastest rounds, the
-nearest the row comes to a quiet machine (the two libraries need not lose alike to a busy one). Both run on
-the same number of threads: ``torch.set_num_threads(n)`` and threadpoolctl's limit on every
+nearest the row comes to a quiet machine (the two libraries need not lose alike to a busy
+one). Both run on the same number of threads: ``torch.set_num_threads(n)`` and threadpoolctl's limit on every
 BLAS/OpenMP pool loaded in the process (default n = ``os.cpu_count()`` on the CPU, 1 on the
 GPU). On the GPU both libraries drive the device from one host thread, and more threads only
 hurt: PyTorch's idle OpenMP threads spin after its step and slowed the next one of
